@@ -1,0 +1,268 @@
+"""Normalise external agent logs into `schema.LOG_RECORD` rows; anything else is quarantined with a reason.
+
+    flywheel ingest logs.jsonl [more.jsonl ...] --json
+
+Accepted line shapes (one JSON object per line):
+- NVIDIA Data Flywheel Blueprint records: `request` (OpenAI chat request), `response` (a chat completion, or a
+  list of streamed chunks), `workload_id`, `client_id`, `timestamp`.
+- OpenAI chat JSONL: `messages` ending with the assistant answer, optional `tools`, agent id from `agent_id`,
+  `workload_id` or `metadata.agent_id` (or the `agent_id` given to ingest).
+- Flywheel's own records (what Serve captures).
+Tool-call `arguments` may be JSON objects or JSON strings; both become canonical JSON text.
+
+Every rejected line carries a stable reason code (the `R_*` constants) and its source location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+from flywheel.schema import message
+
+R_INVALID_UTF8 = "invalid_utf8"
+R_INVALID_JSON = "invalid_json"
+R_NOT_OBJECT = "not_an_object"
+R_UNKNOWN_FORMAT = "unknown_format"
+R_MISSING_FIELD = "missing_field"
+R_BAD_MESSAGES = "bad_messages"
+R_BAD_RESPONSE = "bad_response"
+R_BAD_TOOL_ARGUMENTS = "bad_tool_arguments"
+R_BAD_TOOLS = "bad_tools"
+R_NO_AGENT = "missing_agent_id"
+R_OVERSIZED = "oversized_record"
+
+SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "dialogue_id", "sgd_dialogue_id")
+ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+
+
+class Rejected(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def digest(*parts: Any, n: int = 32) -> str:
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:n]
+
+
+def _text(content: Any, where: str) -> str | None:
+    """OpenAI content: a string, null, or a list of parts (text parts are joined)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                texts.append(part)
+        return "".join(texts)
+    raise Rejected(R_BAD_MESSAGES, f"{where}.content must be text, null or a list of parts, got {type(content).__name__}")
+
+
+def normalise_arguments(args: Any, where: str) -> str:
+    if args is None or args == "":
+        return "{}"
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise Rejected(R_BAD_TOOL_ARGUMENTS, f"{where}: arguments are not valid JSON ({e.msg})") from None
+    if not isinstance(args, dict):
+        raise Rejected(R_BAD_TOOL_ARGUMENTS, f"{where}: arguments must be a JSON object, got {type(args).__name__}")
+    return canonical_json(args)
+
+
+def normalise_tool_calls(calls: Any, where: str) -> list[dict] | None:
+    if not calls:
+        return None
+    if not isinstance(calls, list):
+        raise Rejected(R_BAD_RESPONSE, f"{where}.tool_calls must be a list")
+    out = []
+    for i, tc in enumerate(calls):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise Rejected(R_BAD_RESPONSE, f"{where}.tool_calls[{i}] has no function name")
+        out.append({"id": tc.get("id"), "name": fn["name"],
+                    "arguments": normalise_arguments(fn.get("arguments"), f"{where}.tool_calls[{i}]")})
+    return out
+
+
+def normalise_message(m: Any, where: str) -> dict:
+    if not isinstance(m, dict):
+        raise Rejected(R_BAD_MESSAGES, f"{where} is not an object")
+    role = m.get("role")
+    if role not in ROLES:
+        raise Rejected(R_BAD_MESSAGES, f"{where}.role is {role!r}; expected one of {sorted(ROLES)}")
+    return message(role, _text(m.get("content"), where), normalise_tool_calls(m.get("tool_calls"), where),
+                   m.get("name") if isinstance(m.get("name"), str) else None,
+                   m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None)
+
+
+def reassemble_stream(chunks: list) -> dict:
+    """Streamed `chat.completion.chunk`s -> one assistant message (content and tool-call deltas joined)."""
+    content, calls = [], {}
+    for chunk in chunks:
+        for choice in (chunk or {}).get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                content.append(delta["content"])
+            for tc in delta.get("tool_calls") or []:
+                slot = calls.setdefault(tc.get("index", 0), {"id": None, "function": {"name": "", "arguments": ""}})
+                slot["id"] = tc.get("id") or slot["id"]
+                fn = tc.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                args = fn.get("arguments")
+                slot["function"]["arguments"] += args if isinstance(args, str) else (canonical_json(args) if args else "")
+    return {"role": "assistant", "content": "".join(content) or None,
+            "tool_calls": [calls[k] for k in sorted(calls)] or None}
+
+
+def response_message(resp: Any) -> dict:
+    """The answer inside a chat completion, a streamed list of chunks, or a bare message."""
+    if isinstance(resp, list):
+        resp = reassemble_stream(resp)
+    if not isinstance(resp, dict):
+        raise Rejected(R_BAD_RESPONSE, "response is not an object")
+    if "choices" in resp:
+        choices = resp["choices"]
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise Rejected(R_BAD_RESPONSE, "response.choices is empty")
+        msg = choices[0].get("message") or choices[0].get("delta")
+        if msg is None:
+            raise Rejected(R_BAD_RESPONSE, "response.choices[0] has no message")
+        resp = msg
+    msg = normalise_message({"role": "assistant", **resp}, "response")
+    if not msg["tool_calls"] and not (msg["content"] or "").strip():
+        raise Rejected(R_BAD_RESPONSE, "response has neither text content nor tool calls")
+    return msg
+
+
+def _tools(tools: Any) -> str:
+    if tools is None:
+        return "[]"
+    if not isinstance(tools, list):
+        raise Rejected(R_BAD_TOOLS, "tools must be a list of tool declarations")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise Rejected(R_BAD_TOOLS, f"tools[{i}] has no function.name")
+    return canonical_json(tools)
+
+
+def _usage(resp: Any) -> tuple[int | None, int | None]:
+    usage = resp.get("usage") if isinstance(resp, dict) else None
+    if not isinstance(usage, dict):
+        return None, None
+    return usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+def _number(value: Any, default: float | None) -> float | None:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            from datetime import datetime
+
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                return default
+    return default
+
+
+def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "default") -> dict:
+    """One decoded JSON object -> a LOG_RECORD row, or `Rejected` with a reason code."""
+    if not isinstance(obj, dict):
+        raise Rejected(R_NOT_OBJECT, f"a line must be a JSON object, got {type(obj).__name__}")
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    if "request" in obj:  # blueprint / flywheel shape
+        req = obj["request"]
+        if not isinstance(req, dict):
+            raise Rejected(R_MISSING_FIELD, "request must be an object with messages")
+        if "response" not in obj:
+            raise Rejected(R_MISSING_FIELD, "response is missing")
+        raw_messages, tools, resp = req.get("messages"), req.get("tools"), obj["response"]
+        answer = response_message(resp)
+        model = (resp.get("model") if isinstance(resp, dict) else None) or req.get("model")
+    elif "messages" in obj:  # OpenAI chat JSONL: the last assistant message is the answer
+        raw_messages, tools = obj["messages"], obj.get("tools")
+        if not isinstance(raw_messages, list) or not raw_messages:
+            raise Rejected(R_BAD_MESSAGES, "messages must be a non-empty list")
+        if not isinstance(raw_messages[-1], dict) or raw_messages[-1].get("role") != "assistant":
+            raise Rejected(R_BAD_RESPONSE, "the last message must be the assistant's answer")
+        answer = response_message(raw_messages[-1])
+        raw_messages, resp, model = raw_messages[:-1], {}, obj.get("model")
+    else:
+        raise Rejected(R_UNKNOWN_FORMAT, "expected `request`+`response` (blueprint) or `messages` (OpenAI JSONL)")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise Rejected(R_BAD_MESSAGES, "request.messages must be a non-empty list")
+    messages = [normalise_message(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
+    agent = obj.get("agent_id") or obj.get("workload_id") or meta.get("agent_id") or default_agent
+    if not isinstance(agent, str) or not agent:
+        raise Rejected(R_NO_AGENT, "no agent id (agent_id, workload_id or metadata.agent_id); pass --agent-id")
+    tools_json = _tools(tools)
+    ts = _number(obj.get("timestamp", meta.get("timestamp")), 0.0)
+    session = next((str(obj[k]) for k in SESSION_KEYS if obj.get(k) not in (None, "")), None)
+    session = session or next((str(meta[k]) for k in SESSION_KEYS if meta.get(k) not in (None, "")), None)
+    prompt_tokens, completion_tokens = _usage(resp)
+    record_id = obj.get("record_id") if isinstance(obj.get("record_id"), str) else None
+    record_id = record_id or digest(agent, ts, messages, tools_json, answer)
+    return {
+        "record_id": record_id, "agent_id": agent,
+        "tenant": str(obj.get("tenant") or obj.get("client_id") or meta.get("tenant") or tenant),
+        "timestamp": ts, "session_id": session, "messages": messages, "tools_json": tools_json,
+        "response": answer, "model": model if isinstance(model, str) else None,
+        "latency_ms": _number(obj.get("latency_ms"), None),
+        "prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else None,
+        "completion_tokens": completion_tokens if isinstance(completion_tokens, int) else None,
+        "feedback": _number(obj.get("feedback", meta.get("feedback")), None),
+        "source": source,
+    }
+
+
+def quarantine_row(reason: str, detail: str, source: str, raw: str, stage: str = "ingest",
+                   record_id: str | None = None, agent_id: str | None = None) -> dict:
+    return {"reason": reason, "detail": detail, "stage": stage, "source": source,
+            "record_id": record_id, "agent_id": agent_id, "raw": raw[:4096]}
+
+
+def parse_lines(lines: Iterable[bytes], source: str, default_agent: str = "", tenant: str = "default",
+                max_bytes: int = 1_000_000) -> tuple[list[dict], list[dict]]:
+    """Raw JSONL lines -> (records, quarantined). Blank lines are skipped; every other line lands in one."""
+    records, quarantined = [], []
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{source}:{lineno}"
+        if not raw.strip():
+            continue
+        preview = raw[:4096].decode("utf-8", "replace")
+        if len(raw) > max_bytes:
+            quarantined.append(quarantine_row(R_OVERSIZED, f"{len(raw)} bytes > {max_bytes}", where, preview))
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            quarantined.append(quarantine_row(R_INVALID_UTF8, str(e), where, preview))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            quarantined.append(quarantine_row(R_INVALID_JSON, f"{e.msg} at column {e.colno}", where, text))
+            continue
+        try:
+            records.append(parse_record(obj, where, default_agent, tenant))
+        except Rejected as e:
+            agent = obj.get("workload_id") or obj.get("agent_id") if isinstance(obj, dict) else None
+            quarantined.append(quarantine_row(e.reason, e.detail, where, text,
+                                              agent_id=agent if isinstance(agent, str) else None))
+    return records, quarantined

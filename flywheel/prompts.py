@@ -1,0 +1,106 @@
+"""How an agent's request becomes the student's prompt, and how the student's text becomes an OpenAI answer.
+
+Shared by distillation (targets), evaluation and serving, so the student is always asked the way it was taught.
+
+- Tools are rendered compactly in the system turn, one per line: `name(arg*, arg [a|b] =default) - description`
+  (`*` = required). That is ~470 tokens per SGD prompt instead of 700+ for raw JSON schemas.
+- Only the last `max_history` non-system messages are kept.
+- A tool call is written as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one per call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+DEFAULT_RE = re.compile(r"\(default:\s*([^)]*)\)")
+TOOL_INSTRUCTIONS = (
+    "To call a tool, answer only with <tool_call>{\"name\": <tool name>, \"arguments\": {<argument>: <value>}}"
+    "</tool_call>. Otherwise answer in text."
+)
+
+
+def render_tool(tool: dict) -> str:
+    fn = tool.get("function", tool)
+    params = (fn.get("parameters") or {}).get("properties") or {}
+    required = set((fn.get("parameters") or {}).get("required") or [])
+    args = []
+    for name, spec in params.items():
+        spec = spec if isinstance(spec, dict) else {}
+        text = name + ("*" if name in required else "")
+        if spec.get("enum"):
+            text += " [" + "|".join(str(v) for v in spec["enum"]) + "]"
+        default = spec.get("default")
+        if default is None:
+            m = DEFAULT_RE.search(spec.get("description") or "")
+            default = m.group(1).strip() if m else None
+        if default is not None:
+            text += f" ={default}"
+        args.append(text)
+    desc = (fn.get("description") or "").strip()
+    return f"{fn['name']}({', '.join(args)})" + (f" - {desc}" if desc else "")
+
+
+def format_tool_calls(tool_calls: list[dict]) -> str:
+    """MESSAGE tool calls (arguments as JSON text) -> the student's text form."""
+    parts = []
+    for tc in tool_calls:
+        try:
+            args = json.loads(tc.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        parts.append("<tool_call>" + json.dumps({"name": tc["name"], "arguments": args}, ensure_ascii=False)
+                     + "</tool_call>")
+    return "\n".join(parts)
+
+
+def format_answer(msg: dict) -> str:
+    """The text the student must produce for a teacher answer (MESSAGE shape)."""
+    if msg.get("tool_calls"):
+        return format_tool_calls(msg["tool_calls"])
+    return (msg.get("content") or "").strip()
+
+
+def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10) -> list[dict]:
+    """Request messages (MESSAGE or OpenAI shape) + tool declarations -> plain chat turns for the template."""
+    system = [m.get("content") or "" for m in messages if m.get("role") in ("system", "developer")]
+    if tools:
+        system.append("Tools:\n" + "\n".join(render_tool(t) for t in tools) + "\n" + TOOL_INSTRUCTIONS)
+    turns = []
+    for m in [m for m in messages if m.get("role") not in ("system", "developer")][-max_history:]:
+        role = m.get("role")
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [{"name": tc["function"]["name"], "arguments": tc["function"].get("arguments")}
+                     if "function" in tc else tc for tc in m["tool_calls"]]
+            calls = [{**c, "arguments": c["arguments"] if isinstance(c["arguments"], str)
+                      else json.dumps(c["arguments"] or {})} for c in calls]
+            content = ((m.get("content") or "") + "\n" + format_tool_calls(calls)).strip()
+        else:
+            content = m.get("content") or ""
+        turns.append({"role": "tool" if role in ("tool", "function") else role, "content": content})
+    if system:
+        turns.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
+    return turns
+
+
+def parse_answer(text: str) -> dict[str, Any]:
+    """Student text -> {"content", "tool_calls" (OpenAI shape, arguments as JSON text), "valid"}.
+
+    `valid` is False when the text tried to call a tool but the call could not be parsed.
+    """
+    calls, valid = [], True
+    for i, raw in enumerate(TOOL_CALL_RE.findall(text)):
+        try:
+            obj = json.loads(raw)
+            name, args = obj["name"], obj.get("arguments", {})
+            if not isinstance(name, str) or not isinstance(args, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            valid = False
+            continue
+        calls.append({"id": f"call_{i}", "type": "function",
+                      "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+    content = TOOL_CALL_RE.sub("", text).strip() if "<tool_call>" in text else text.strip()
+    return {"content": content or None, "tool_calls": calls or None, "valid": valid}

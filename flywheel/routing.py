@@ -1,0 +1,46 @@
+"""Which backend answers an agent, and the retrain queue: the state that monitoring writes and Serve reads.
+
+`routing/<agent>.json` = {"mode": "student" | "teacher", "reason": ..., "since": ...}. No file means "student
+when the agent has a production adapter, else teacher". Drift sets "teacher"; a promotion sets "student".
+`queue/retrain/<agent>-<event>.json` holds retrain requests, each naming the event that caused it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flywheel.storage import Store
+
+STUDENT, TEACHER = "student", "teacher"
+
+
+def get_route(store: Store, agent: str) -> dict:
+    return store.read_json(f"routing/{agent}.json", {"mode": STUDENT, "reason": "default", "since": 0.0})
+
+
+def set_route(store: Store, agent: str, mode: str, reason: str) -> dict:
+    if mode not in (STUDENT, TEACHER):
+        raise ValueError(f"route mode must be {STUDENT!r} or {TEACHER!r}, got {mode!r}")
+    state = {"mode": mode, "reason": reason, "since": time.time()}
+    store.write_json(f"routing/{agent}.json", state)
+    return state
+
+
+def queue_retrain(store: Store, agent: str, event_id: str, reason: str) -> str:
+    rel = f"queue/retrain/{agent}-{event_id}.json"
+    store.write_json(rel, {"agent": agent, "event": event_id, "reason": reason, "queued": time.time()})
+    return rel
+
+
+def retrain_queue(store: Store) -> list[dict]:
+    return [store.read_json(f"queue/retrain/{n}") for n in store.list("queue/retrain") if n.endswith(".json")]
+
+
+def register_agent(store: Store, agent: str, tenant: str = "default") -> None:
+    """Add an agent to the catalog (ingest does this for every agent it sees); Serve 404s on others."""
+    if not store.exists(f"agents/{agent}.json"):
+        store.write_json(f"agents/{agent}.json", {"agent": agent, "tenant": tenant, "created": time.time()})
+
+
+def known_agents(store: Store) -> list[str]:
+    return [n[:-5] for n in store.list("agents") if n.endswith(".json")]

@@ -1,0 +1,112 @@
+"""The Arrow schemas that are the contracts between the stages of the loop.
+
+A *log record* is one request an agent made and the answer that served it (capture -> curate).
+A *curated example* is one cleaned, redacted, split training/eval example (curate -> distill/evaluate).
+A *quarantined record* is anything that could not become a log record or an example, with the reason.
+
+Messages and the answer are typed nested columns. Tool declarations (`tools_json`) and tool-call
+arguments stay JSON text: they are arbitrary JSON Schema / JSON objects chosen by each agent, and Arrow
+would otherwise infer a different struct type per agent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+TOOL_CALL = pa.struct(
+    [
+        ("id", pa.string()),
+        ("name", pa.string()),
+        ("arguments", pa.string()),  # JSON object text, normalised at ingest
+    ]
+)
+
+MESSAGE = pa.struct(
+    [
+        ("role", pa.string()),
+        ("content", pa.string()),
+        ("name", pa.string()),
+        ("tool_call_id", pa.string()),
+        ("tool_calls", pa.list_(TOOL_CALL)),
+    ]
+)
+
+LOG_RECORD = pa.schema(
+    [
+        ("record_id", pa.string()),  # stable: a replay of the same record has the same id
+        ("agent_id", pa.string()),
+        ("tenant", pa.string()),
+        ("timestamp", pa.float64()),  # seconds since the epoch (ordinal in some public logs)
+        ("session_id", pa.string()),  # conversation id when the source has one; splits group by it
+        ("messages", pa.list_(MESSAGE)),
+        ("tools_json", pa.string()),  # JSON list of OpenAI tool declarations, "[]" when none
+        ("response", MESSAGE),
+        ("model", pa.string()),  # the model or adapter that answered
+        ("latency_ms", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("feedback", pa.float64()),  # -1 (bad) .. 1 (good), null when none
+        ("source", pa.string()),  # "serve", or the file an ingested line came from, with its line
+    ]
+)
+
+EXAMPLE = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("record_id", pa.string()),
+        ("agent_id", pa.string()),
+        ("session_id", pa.string()),
+        ("messages", pa.list_(MESSAGE)),
+        ("tools_json", pa.string()),
+        ("target", MESSAGE),  # the teacher's answer the student learns
+        ("label", pa.string()),  # tool name(s) for tool calls, the class for classifiers, "text" otherwise
+        ("task", pa.string()),  # "tool_call" | "classification" | "text"
+        ("split", pa.string()),  # "train" | "eval"
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        ("reason", pa.string()),  # a stable reason code, see flywheel.capture.ingest / flywheel.curate.filters
+        ("detail", pa.string()),
+        ("stage", pa.string()),
+        ("source", pa.string()),
+        ("record_id", pa.string()),
+        ("agent_id", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+
+def message(role: str, content: str | None = None, tool_calls: list[dict] | None = None,
+            name: str | None = None, tool_call_id: str | None = None) -> dict[str, Any]:
+    """A message row in the `MESSAGE` shape (every key present)."""
+    return {"role": role, "content": content, "name": name, "tool_call_id": tool_call_id,
+            "tool_calls": tool_calls}
+
+
+def to_openai_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A `MESSAGE` row back to the OpenAI chat message shape (arguments stay JSON text)."""
+    out: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
+    if m.get("name"):
+        out["name"] = m["name"]
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            {"id": tc.get("id") or f"call_{i}", "type": "function",
+             "function": {"name": tc["name"], "arguments": tc["arguments"]}}
+            for i, tc in enumerate(m["tool_calls"])
+        ]
+    return out
+
+
+def tools_of(row: dict[str, Any]) -> list[dict]:
+    return json.loads(row.get("tools_json") or "[]")
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)

