@@ -130,7 +130,9 @@ class ServeConfig:
     max_new_tokens: int = 256
     max_history: int = 10
     max_batch_size: int = 8
+    batch_wait_s: float = 0.01  # how long a batch waits to fill (mixes agents)
     routing_ttl_s: float = 2.0
+    teacher_timeout_s: float = 60.0
     blocking: bool = True  # CLI: keep serving until Ctrl-C
 
 
@@ -160,6 +162,7 @@ class DemoConfig:
     base_model: str = field(default_factory=default_student_path)
     max_steps: int = 40
     eval_examples: int = 24
+    live_requests: int = 12  # held-out requests sent through Serve per agent (and shifted ones for drift)
     port: int = 8000
     fresh: bool = True  # start from an empty home
 

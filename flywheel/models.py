@@ -113,3 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def resolve_model_path(path: str) -> str:
+    """An absolute local model folder (Ray workers run in other directories), or a clear error."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(os.path.join(full, "config.json")):
+        raise FileNotFoundError(f"model {path!r} is not a local HF model folder (no config.json): run `make setup` "
+                                "to build the student, or pass --base-model /path/to/a/local/model")
+    return full

@@ -68,6 +68,8 @@ class HFEngine:
                 self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
             else:
                 self._peft.load_adapter(path, adapter_name=name)
+                if self._peft.active_adapter not in self._peft.peft_config:  # every adapter was unloaded
+                    self._peft.set_adapter(name)
             self._loaded[name] = path
 
     def unload_adapter(self, name: str) -> None:

