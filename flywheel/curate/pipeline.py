@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -43,8 +44,10 @@ CLEAN = pa.schema([
 KEYS = ["record_id", "agent_id", "session_id", "timestamp", "label", "task", "reason", "dedup_key", "pii"]
 
 
-def clean_arrow_batch(batch: pa.Table, max_record_bytes: int) -> pa.Table:
+def clean_arrow_batch(batch: pa.Table, max_record_bytes: int, agents: tuple[str, ...] = ()) -> pa.Table:
     """The Ray Data stage: an Arrow batch of LOG_RECORD rows -> CLEAN rows (kept and set aside alike)."""
+    if agents:
+        batch = batch.filter(pc.is_in(batch["agent_id"], value_set=pa.array(list(agents), pa.string())))
     return pa.Table.from_pylist(filters.clean_batch(batch.to_pylist(), max_record_bytes), schema=CLEAN)
 
 
@@ -96,11 +99,8 @@ def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False
     staging = f"datasets/_staging/{run}"
     started = time.time()
     ds = ray.data.read_parquet([f.split("://", 1)[-1] for f in files], filesystem=pafs)
-    if cfg.agents:
-        wanted = set(cfg.agents)
-        ds = ds.filter(lambda r: r["agent_id"] in wanted)
     ds = ds.map_batches(clean_arrow_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
-                        fn_kwargs={"max_record_bytes": cfg.max_record_bytes})
+                        fn_kwargs={"max_record_bytes": cfg.max_record_bytes, "agents": cfg.agents})
     ds.write_parquet(f"{base}/{staging}/cleaned", filesystem=pafs)
     cleaned = pads.dataset(f"{base}/{staging}/cleaned", filesystem=pafs, format="parquet", schema=CLEAN)
     keys = cleaned.to_table(columns=KEYS).to_pylist()

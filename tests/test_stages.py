@@ -1,0 +1,107 @@
+"""One test per stage on the shared local Ray: curate, distill, evaluate (tiny model, real code paths)."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel.capture.store import LogStore, ingest_file
+from flywheel.config import CurateConfig, DistillConfig, EvaluateConfig
+from flywheel.curate.pipeline import curate, read_split
+from flywheel.registry.registry import Registry
+
+from conftest import SGD_LOGS
+
+
+@pytest.fixture
+def curated(ray_session, store, sgd_sample):
+    ingest_file(store, sgd_sample)
+    return curate(CurateConfig(agents=("sgd_Flights",), min_examples=4), store)["sgd_Flights"]
+
+
+def test_curate_accounts_for_every_record_and_publishes_atomically(ray_session, store, tmp_path):
+    lines = open(SGD_LOGS).readlines()
+    flights = [ln for ln in lines if '"sgd_Flights"' in ln][:30]
+    pii = json.loads(flights[0])
+    pii["request"]["messages"][-1]["content"] += " my email is jane.doe@example.com, card 4111 1111 1111 1111"
+    pii["timestamp"] = 5
+    dup = json.loads(flights[1])
+    dup["timestamp"] = 2_000_000_000  # a later replay of the same request: a duplicate
+    neg = json.loads(flights[2])
+    neg["feedback"] = -1
+    neg["timestamp"] = 7
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(flights) + "\n".join(json.dumps(x) for x in (pii, dup, neg)) + "\n{broken\n")
+    ing = ingest_file(store, str(path))
+    assert (ing["accepted"], ing["quarantined"]) == (33, 1)
+    m = curate(CurateConfig(agents=("sgd_Flights",)), store)["sgd_Flights"]
+    c = m["counts"]
+    assert c["in"] == 33 and c["in"] == c["kept"] + c["quarantined"] and c["kept"] == c["train"] + c["eval"]
+    assert m["reasons"] == {"duplicate": 1, "negative_feedback": 1}
+    assert m["pii"]["EMAIL"] == 1 and m["pii"]["CARD"] == 1
+    version = m["version"]
+    assert store.read_json("datasets/sgd_Flights/LATEST") == {"version": version}
+    text = "".join(json.dumps(r, default=str) for s in ("train", "eval")
+                   for r in read_split(store, "sgd_Flights", version, s).to_pylist())
+    assert "jane.doe@example.com" not in text and "4111 1111 1111 1111" not in text
+    train = read_split(store, "sgd_Flights", version, "train").to_pylist()
+    evals = read_split(store, "sgd_Flights", version, "eval").to_pylist()
+    assert not {r["session_id"] for r in train} & {r["session_id"] for r in evals}
+    assert {r["label"] for r in evals} <= {r["label"] for r in train}
+    with store.open(f"datasets/sgd_Flights/{version}/quarantine.parquet") as f:
+        assert sorted(pq.read_table(f).column("reason").to_pylist()) == ["duplicate", "negative_feedback"]
+    assert store.list("datasets/_staging") == []
+    # the same logs again: the same version, nothing new published
+    again = curate(CurateConfig(agents=("sgd_Flights",)), store)["sgd_Flights"]
+    assert again["version"] == version and sorted(store.list("datasets/sgd_Flights")) == sorted(["LATEST", version])
+
+
+def test_captured_wal_records_flow_into_curation(ray_session, store):
+    from flywheel.capture.ingest import parse_record
+
+    recs = [parse_record(json.loads(ln), f"serve:{i}") for i, ln in enumerate(open(SGD_LOGS).readlines()[:12])]
+    LogStore(store).append(recs)  # what Serve does before answering
+    m = curate(CurateConfig(min_examples=2), store)
+    assert sum(x["counts"]["in"] for x in m.values()) == 12
+    assert store.list("logs/wal") == []
+
+
+def test_distill_trains_registers_and_resumes(curated, store, tiny_model):
+    cfg = DistillConfig(agent="sgd_Flights", base_model=tiny_model, max_steps=4, checkpoint_every=2,
+                        num_workers=2, batch_size=2, max_length=1024)
+    out = __import__("flywheel.distill.train", fromlist=["distill"]).distill(cfg, store)
+    assert out["steps"] == 4 and out["version"] == "v1" and out["resumed_at"] == 0
+    assert store.exists("adapters/sgd_Flights/v1/adapter_model.safetensors")
+    entry = Registry(store).get("sgd_Flights", "v1")
+    assert entry["dataset_version"] == curated["version"] and entry["base_model"] == tiny_model
+    assert entry["hyperparameters"]["learning_rate"] == 1e-3
+    # LoRA B matrices start at zero: training must have moved them
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(store.path("adapters/sgd_Flights/v1"), "adapter_model.safetensors"))
+    assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k)
+    # the same run name again with more steps resumes from the last checkpoint instead of restarting
+    more = __import__("flywheel.distill.train", fromlist=["distill"]).distill(
+        DistillConfig(**{**cfg.__dict__, "max_steps": 6}), store)
+    assert more["resumed_at"] == 4 and more["steps"] == 6 and more["version"] == "v2"
+
+
+def test_evaluate_scores_gates_and_refuses_to_promote_a_bad_student(curated, store, tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.evaluate.run import evaluate
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    Registry(store).register("sgd_Flights", str(tmp_path / "adapter"), {"dataset_version": curated["version"]})
+    rep = evaluate(EvaluateConfig(agent="sgd_Flights", base_model=tiny_model, max_new_tokens=8, promote=True,
+                                  min_examples=2), store)
+    assert rep["teacher"]["function_name_accuracy"] == 1.0
+    assert rep["n_expected"] == rep["candidate"]["n"] == curated["counts"]["eval"]
+    assert rep["gate"]["passed"] is False and rep["promoted"] is False  # a random model calls no tools
+    assert Registry(store).alias("sgd_Flights") is None
+    assert store.exists("reports/sgd_Flights/v1/eval.md")
+    assert Registry(store).get("sgd_Flights", "v1")["scores"]["gate"] is False
