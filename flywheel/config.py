@@ -160,7 +160,7 @@ class DemoConfig:
     logs: str = ""  # default: the SGD logs shipped in the package
     agents: tuple[str, ...] = ("sgd_Flights", "sgd_Restaurants")
     base_model: str = field(default_factory=default_student_path)
-    max_steps: int = 40
+    max_steps: int = 16  # ~1 epoch of sgd_Flights at 2 workers x batch 4 (~10 s/step on 2 cores)
     eval_examples: int = 24
     live_requests: int = 12  # held-out requests sent through Serve per agent (and shifted ones for drift)
     port: int = 8000

@@ -71,7 +71,7 @@ def demo(cfg: DemoConfig) -> dict:
     logs = cfg.logs or os.path.join(PACKAGE_DATA, "sgd", "sgd_dev_flywheel_logs.jsonl")
     if not ray.is_initialized():
         ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
+                 configure_logging=False, log_to_driver=True)
     timings: dict[str, float] = {}
 
     say(f"1/7 ingest {logs} into {store.uri}")

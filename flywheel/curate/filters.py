@@ -4,7 +4,8 @@ No Ray here (`flywheel.curate.pipeline` applies these with Ray Data). Every func
 rerun gives the same dataset. Reason codes (stable, counted in the manifest):
 
     oversized_record, no_user_turn, empty_answer, refusal, unknown_tool, bad_tool_arguments,
-    negative_feedback, duplicate
+    negative_feedback, duplicate, student_answer (answered by a student: not a teacher label; it stays in
+    the logs for monitoring and review)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ R_UNKNOWN_TOOL = "unknown_tool"
 R_BAD_ARGS = "bad_tool_arguments"
 R_NEGATIVE = "negative_feedback"
 R_DUPLICATE = "duplicate"
+R_STUDENT = "student_answer"
 
 REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:no|')t (?:help|assist)|as an ai\b|i am unable to|"
                         r"i'm unable to)", re.IGNORECASE)
@@ -162,6 +164,8 @@ def clean_record(row: dict, max_record_bytes: int) -> dict:
     if not any(m.get("role") == "user" and (m.get("content") or "").strip() for m in out["messages"]):
         return reject(R_NO_USER, "the request has no non-empty user message")
     answer = out["target"] or {}
+    if (row.get("model") or "").startswith("student:"):
+        return reject(R_STUDENT, f"answered by {row['model']}; only the teacher's answers are training targets")
     if row.get("feedback") is not None and row["feedback"] < 0:
         return reject(R_NEGATIVE, f"user feedback {row['feedback']}")
     calls = answer.get("tool_calls") or []

@@ -108,6 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
             state["step"] += 1
             state["tokens"] += int(inputs["attention_mask"].sum())
             losses.append(float(loss))
+            if rank == 0 and (state["step"] % 5 == 0 or state["step"] == total):
+                print(f"[distill {cfg.agent}] step {state['step']}/{total} loss {float(loss):.3f}", flush=True)
             end_of_epoch = state["step"] % per_epoch == 0
             if state["step"] == total or end_of_epoch or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
                 elapsed = time.time() - started

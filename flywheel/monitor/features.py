@@ -36,10 +36,12 @@ def words(text: str) -> list[str]:
 
 
 def last_user_text(messages: Sequence[dict[str, Any]] | None) -> str:
-    """The content of the last user message, "" when there is none."""
+    """The content of the last user message, PII-redacted as curation redacts the reference ("" when none)."""
+    from flywheel.curate.filters import Redactor
+
     for m in reversed(list(messages or [])):
         if m.get("role") == "user":
-            return m.get("content") or ""
+            return Redactor()(m.get("content") or "") or ""
     return ""
 
 
