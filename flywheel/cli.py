@@ -39,7 +39,8 @@ def run_ingest(cfg: C.IngestConfig) -> dict:
     from flywheel.storage import Store
 
     store = Store(cfg.home or None)
-    files = [ingest_file(store, p, cfg.agent_id, cfg.tenant) for p in cfg.paths]
+    files = [ingest_file(store, p, cfg.agent_id, cfg.tenant, cfg.known_agents, cfg.max_line_bytes)
+             for p in cfg.paths]
     return {"home": store.uri, "files": files, "accepted": sum(f["accepted"] for f in files),
             "quarantined": sum(f["quarantined"] for f in files)}
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(result, default=str, indent=None))
-    else:
+    elif args.verb != "demo":  # the demo has printed its own tables
         print(json.dumps(result, default=str, indent=2))
     return 0
 

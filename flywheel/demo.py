@@ -48,6 +48,33 @@ def _shifted_requests(logs: str, exclude: set[str], n: int) -> list[dict]:
     return out
 
 
+def _drift_check(cfg: DemoConfig, store: Store, client, logs: str, drift_agent: str) -> tuple[dict, dict, dict]:
+    from flywheel.monitor.drift import check_drift
+    from flywheel.routing import get_route, retrain_queue
+
+    calm = check_drift(MonitorConfig(agent=drift_agent, min_window=min(10, cfg.live_requests),
+                                     window=cfg.live_requests), store)
+    print(f"{drift_agent}, in-domain traffic ({calm['n_live']} requests): {calm['verdict']} "
+          f"(drift share {calm.get('drift_share')})")
+    for req in _shifted_requests(logs, set(cfg.agents), cfg.shifted_requests):
+        # only the requests matter for drift: one token of answer keeps this quick
+        client.chat.completions.create(model=drift_agent, messages=req["messages"], tools=req.get("tools"),
+                                       max_tokens=1)
+    shifted = check_drift(MonitorConfig(agent=drift_agent, min_window=min(10, cfg.shifted_requests),
+                                        window=cfg.shifted_requests), store)
+    route = get_route(store, drift_agent)
+    time.sleep(0.5)  # past Serve's routing cache
+    print(f"{drift_agent}, shifted traffic ({shifted['n_live']} hotels/music/media requests): {shifted['verdict']} "
+          f"(drift share {shifted.get('drift_share')}); drifted: {shifted.get('drifted_features')}")
+    print(f"route now: {route['mode']} ({route['reason']}); retrain queue: "
+          f"{[q['agent'] for q in retrain_queue(store)]}; report {shifted.get('report')}")
+    try:
+        client.chat.completions.create(model=drift_agent, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    except Exception as e:  # no teacher is configured in the demo: Serve says so instead of hanging
+        print(f"{drift_agent} now goes to the teacher; none is configured here, so Serve answers: {e}")
+    return calm, shifted, route
+
+
 def demo(cfg: DemoConfig) -> dict:
     import ray
     from openai import OpenAI
@@ -56,8 +83,6 @@ def demo(cfg: DemoConfig) -> dict:
     from flywheel.curate.pipeline import curate, read_split
     from flywheel.distill.train import distill
     from flywheel.evaluate.run import evaluate
-    from flywheel.monitor.drift import check_drift
-    from flywheel.routing import get_route, retrain_queue
     from flywheel.schema import to_openai_message
     from flywheel.serve.app import run as serve_run
     from flywheel.serve.app import shutdown as serve_shutdown
@@ -70,8 +95,9 @@ def demo(cfg: DemoConfig) -> dict:
     os.environ["FLYWHEEL_HOME"] = store.uri
     logs = cfg.logs or os.path.join(PACKAGE_DATA, "sgd", "sgd_dev_flywheel_logs.jsonl")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
-                 configure_logging=False, log_to_driver=True)
+        ctx = ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
+                       dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
+        print(f"Ray dashboard (jobs, actors, Train and Serve): http://{ctx.dashboard_url}")
     timings: dict[str, float] = {}
 
     say(f"1/7 ingest {logs} into {store.uri}")
@@ -93,7 +119,8 @@ def demo(cfg: DemoConfig) -> dict:
     trained = {}
     for agent in cfg.agents:
         t = time.time()
-        trained[agent] = distill(DistillConfig(agent=agent, base_model=cfg.base_model, max_steps=cfg.max_steps), store)
+        trained[agent] = distill(DistillConfig(agent=agent, base_model=cfg.base_model, max_steps=cfg.max_steps,
+                                               batch_size=cfg.batch_size), store)
         timings[f"distill {agent}"] = time.time() - t
         r = trained[agent]
         print(f"{agent}: {r['version']} steps={r['steps']} loss={r['loss']:.3f} "
@@ -105,7 +132,9 @@ def demo(cfg: DemoConfig) -> dict:
     for agent in cfg.agents:
         t = time.time()
         rep = evaluate(EvaluateConfig(agent=agent, base_model=cfg.base_model, max_examples=cfg.eval_examples,
-                                      promote=True, min_examples=min(10, cfg.eval_examples)),
+                                      max_new_tokens=cfg.max_new_tokens, promote=True,
+                                      min_share_of_teacher=cfg.min_share_of_teacher,
+                                      min_examples=min(10, cfg.eval_examples)),
                        store, engine=engine, progress=True)
         timings[f"evaluate {agent}"] = time.time() - t
         reports[agent] = rep
@@ -124,11 +153,16 @@ def demo(cfg: DemoConfig) -> dict:
 
     say(f"5/7 serve on Ray Serve at http://127.0.0.1:{cfg.port}/v1 and call it with the official openai client")
     url = serve_run(ServeConfig(home=store.uri, base_model=cfg.base_model, port=cfg.port, replica_cpus=1.0,
-                                blocking=False))
+                                routing_ttl_s=0.5, blocking=False))
     client = OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=120)
     print("models:", [m.id for m in client.models.list().data][:6], "...")
     answered = {}
+    promoted = [a for a in cfg.agents if reports[a]["promoted"]]
     for agent in cfg.agents:
+        if agent not in promoted:
+            print(f"{agent}: not promoted (the gate failed), so Serve sends it to the teacher; none is configured "
+                  "in the demo: train longer (--max-steps) to see its student answer")
+            continue
         version = read_split(store, agent, reports[agent]["dataset_version"], "eval").to_pylist()
         ok = 0
         for i, ex in enumerate(version[:cfg.live_requests]):
@@ -147,23 +181,11 @@ def demo(cfg: DemoConfig) -> dict:
         print(f"{agent}: {ok}/{cfg.live_requests} live answers call the teacher's function")
 
     say("6/7 monitor: Evidently drift of live traffic against the training reference")
-    drift_agent = cfg.agents[0]
-    calm = check_drift(MonitorConfig(agent=drift_agent, min_window=min(10, cfg.live_requests)), store)
-    print(f"{drift_agent}, in-domain traffic: {calm['verdict']} (drift share {calm.get('drift_share')})")
-    for req in _shifted_requests(logs, set(cfg.agents), cfg.live_requests):
-        client.chat.completions.create(model=drift_agent, messages=req["messages"], tools=req.get("tools"),
-                                       max_tokens=8)
-    shifted = check_drift(MonitorConfig(agent=drift_agent, min_window=min(10, cfg.live_requests),
-                                        window=cfg.live_requests), store)
-    route = get_route(store, drift_agent)
-    print(f"{drift_agent}, shifted traffic (hotels/music/media requests): {shifted['verdict']} "
-          f"(drift share {shifted.get('drift_share')}); drifted: {shifted.get('drifted_features')}")
-    print(f"route now: {route['mode']} ({route['reason']}); retrain queue: "
-          f"{[q['agent'] for q in retrain_queue(store)]}; report {shifted.get('report')}")
-    try:
-        client.chat.completions.create(model=drift_agent, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
-    except Exception as e:  # no teacher is configured in the demo: Serve says so instead of hanging
-        print(f"{drift_agent} now goes to the teacher; none is configured here, so Serve answers: {e}")
+    calm, shifted, route = {}, {}, {"mode": "-"}
+    if not promoted:
+        print("no agent passed the gate, so no student traffic to monitor; train longer (--max-steps) to see it")
+    else:
+        calm, shifted, route = _drift_check(cfg, store, client, logs, promoted[0])
     serve_shutdown()
 
     say("7/7 summary")

@@ -43,16 +43,30 @@ def student_gguf_path() -> str:
 def build_student(out_dir: str) -> str:
     """Write a plain HF folder (safetensors + tokenizer) for the student; a no-op when it exists."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
+        with open(os.path.join(out_dir, "config.json")) as f:
+            if "quantization_config" not in json.load(f):
+                return out_dir
+        import shutil  # an older build kept the GGUF quantizer config: rebuild it
+
+        shutil.rmtree(out_dir)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = student_gguf_path()
     folder, name = os.path.dirname(gguf), os.path.basename(gguf)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model = LlamaForCausalLM(loaded.config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A plain config: without this, the saved folder still says `quant_method: gguf` and transformers would load
+    # it through the GGUF quantizer (packed-weight kernels, casts on every matmul) instead of as a plain model.
+    plain = loaded.config.to_dict()
+    plain.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(plain))
+    state = loaded.state_dict()
+    bad = {k: (tuple(v.shape), v.dtype) for k, v in state.items()
+           if k in model.state_dict() and (v.shape != model.state_dict()[k].shape or not v.is_floating_point())}
+    if bad:
+        raise RuntimeError(f"the GGUF weights did not dequantize to plain tensors: {list(bad.items())[:3]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied embeddings are the only keys allowed to differ.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:

@@ -50,6 +50,7 @@ LOG_RECORD = pa.schema(
         ("completion_tokens", pa.int64()),
         ("feedback", pa.float64()),  # -1 (bad) .. 1 (good), null when none
         ("source", pa.string()),  # "serve", or the file an ingested line came from, with its line
+        ("extra_json", pa.string()),  # JSON object of the source's unrecognised top-level fields, null when none
     ]
 )
 

@@ -14,7 +14,12 @@ Layout under the home (every stage reads and writes only through `Store`):
     queue/retrain/      retrain requests
 
 Publishing is atomic: write under a staging name, then rename (local) or write the object that makes it
-visible (a manifest; S3 object writes are atomic per object).
+visible (a manifest; S3 object writes are atomic per object): see `Store.publish`.
+
+S3 (or any S3-compatible server): `FLYWHEEL_HOME=s3://bucket/prefix`, with `FLYWHEEL_S3_ENDPOINT` for a
+non-AWS endpoint (MinIO, moto). The endpoint travels inside the picklable `Store` and its `pyarrow_fs()` to Ray
+tasks in other processes; credentials do not: every process resolves them as boto does (environment variables,
+shared config, instance role), so give Ray workers the same environment (`runtime_env` env_vars or node roles).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class Store:
             endpoint = os.environ.get("FLYWHEEL_S3_ENDPOINT")
             if endpoint:
                 self.storage_options = {"client_kwargs": {"endpoint_url": endpoint}}
+        if self.uri.startswith("s3://"):
+            # Ray tasks in other processes write here too: a cached listing would hide their objects.
+            self.storage_options = {"use_listings_cache": False, **self.storage_options}
         self.local = "://" not in self.uri or self.uri.startswith("file://")
 
     def __repr__(self) -> str:
@@ -65,7 +73,11 @@ class Store:
         return "/".join([self.uri, *[p.strip("/") for p in parts if p]])
 
     def pyarrow_fs(self):
-        """(pyarrow filesystem, path of the home within it) for pyarrow / Ray Data readers."""
+        """(pyarrow filesystem, path of the home within it) for pyarrow / Ray Data readers and writers.
+
+        Picklable (Ray ships it to tasks): local -> `LocalFileSystem`; otherwise the fsspec filesystem wrapped in
+        `PyFileSystem(FSSpecHandler(...))`, which pickles with its storage options (the endpoint included).
+        """
         import pyarrow.fs as pafs
 
         if self.local:
@@ -123,6 +135,25 @@ class Store:
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(rel), recursive=True)
+
+    def publish(self, src_rel: str, dst_rel: str, last: str = "manifest.json") -> None:
+        """Publish a staged folder as `dst_rel`, where readers only trust a folder that holds `last`.
+
+        Local: one atomic rename. Object stores have no rename: every object is copied, `last` after all the
+        others, then the staging objects are deleted; a crash part way leaves no `last`, so nothing is visible,
+        and a rerun overwrites the partial copy.
+        """
+        if self.local:
+            self.move(src_rel, dst_rel)
+            return
+        src, dst = self.path(src_rel), self.path(dst_rel)
+        root = self.fs._strip_protocol(src).rstrip("/")
+        names = sorted(p[len(root) + 1:] for p in self.fs.find(src))
+        if last not in names:
+            raise FileNotFoundError(f"cannot publish {src}: it has no {last}")
+        for name in [n for n in names if n != last] + [last]:
+            self.fs.copy(f"{src}/{name}", f"{dst}/{name}")
+        self.remove(src_rel)
 
     def move(self, src_rel: str, dst_rel: str) -> None:
         """Publish a staged folder or file. Local: one atomic rename."""

@@ -36,9 +36,11 @@ def ray_head(tmp_path_factory):
     env.update(RAY_AUTH_MODE="token", PATH=bin_dir + os.pathsep + env.get("PATH", ""),
                RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    gcs, dash = free_port(), free_port()
+    # every port explicit: another Ray on this machine (the session's) already holds the defaults
+    gcs, dash, agent, metrics = free_port(), free_port(), free_port(), free_port()
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
          "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={temp}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -10,14 +10,31 @@ Accepted line shapes (one JSON object per line):
 - Flywheel's own records (what Serve captures).
 Tool-call `arguments` may be JSON objects or JSON strings; both become canonical JSON text.
 
-Every rejected line carries a stable reason code (the `R_*` constants) and its source location.
+Every rejected line carries a stable reason code (the `R_*` constants) and its source location (`file:line`):
+
+    invalid_json      not JSON, or a line cut off mid-object (a truncated write)
+    invalid_utf8      bytes that are not UTF-8
+    oversized_record  a line longer than the cap (`IngestConfig.max_line_bytes`)
+    not_an_object     valid JSON that is not an object
+    unknown_format    neither `request`+`response` nor `messages`
+    missing_field     a required field is absent (e.g. `response`)
+    mistyped_field    a known field holds the wrong JSON type (messages not a list, content a number,
+                      timestamp neither a number nor an ISO-8601 time, feedback not a number, ...)
+    bad_messages      messages empty, or a message with an unknown role
+    bad_response      the answer is neither text nor a tool call, or has no message
+    bad_tool_arguments, bad_tools    tool-call arguments / tool declarations that are not what they claim
+    missing_agent_id  no agent id anywhere (pass --agent-id)
+    unknown_agent     an agent id outside the configured allowlist (`IngestConfig.known_agents`)
+
+Unknown *extra* top-level fields are kept, not rejected: they travel as JSON text in `extra_json`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+import math
+from typing import Any, Collection, Iterable
 
 from flywheel.schema import message
 
@@ -32,9 +49,15 @@ R_BAD_TOOL_ARGUMENTS = "bad_tool_arguments"
 R_BAD_TOOLS = "bad_tools"
 R_NO_AGENT = "missing_agent_id"
 R_OVERSIZED = "oversized_record"
+R_MISTYPED = "mistyped_field"
+R_UNKNOWN_AGENT = "unknown_agent"
 
 SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "dialogue_id", "sgd_dialogue_id")
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+# Top-level fields this module reads; every other top-level field is kept verbatim in `extra_json`.
+CORE_KEYS = {"request", "response", "messages", "tools", "model", "agent_id", "workload_id", "client_id", "tenant",
+             "timestamp", "metadata", "record_id", "latency_ms", "feedback", "usage", "session_id"}
+DEFAULT_MAX_LINE_BYTES = 1_000_000
 
 
 class Rejected(ValueError):
@@ -63,7 +86,8 @@ def _text(content: Any, where: str) -> str | None:
             elif isinstance(part, str):
                 texts.append(part)
         return "".join(texts)
-    raise Rejected(R_BAD_MESSAGES, f"{where}.content must be text, null or a list of parts, got {type(content).__name__}")
+    raise Rejected(R_MISTYPED, f"{where}.content must be text, null or a list of parts, got {type(content).__name__} "
+                               f"{content!r:.40}")
 
 
 def normalise_arguments(args: Any, where: str) -> str:
@@ -96,7 +120,7 @@ def normalise_tool_calls(calls: Any, where: str) -> list[dict] | None:
 
 def normalise_message(m: Any, where: str) -> dict:
     if not isinstance(m, dict):
-        raise Rejected(R_BAD_MESSAGES, f"{where} is not an object")
+        raise Rejected(R_MISTYPED, f"{where} must be an object, got {type(m).__name__}")
     role = m.get("role")
     if role not in ROLES:
         raise Rejected(R_BAD_MESSAGES, f"{where}.role is {role!r}; expected one of {sorted(ROLES)}")
@@ -164,13 +188,15 @@ def _usage(resp: Any) -> tuple[int | None, int | None]:
 
 
 def _number(value: Any, default: float | None) -> float | None:
+    """A number, a numeric string or an ISO-8601 time as float seconds; `default` when it is none of these."""
     if isinstance(value, bool):
         return default
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(value) if math.isfinite(value) else default
     if isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
+            return number if math.isfinite(number) else default
         except ValueError:
             from datetime import datetime
 
@@ -181,6 +207,32 @@ def _number(value: Any, default: float | None) -> float | None:
     return default
 
 
+def _typed_number(obj: dict, meta: dict, key: str, default: float | None, iso: bool = False) -> float | None:
+    """`obj[key]` (else `metadata[key]`) as a float; absent -> `default`; present but not a number -> mistyped."""
+    value = obj.get(key, meta.get(key))
+    if value is None:
+        return default
+    number = _number(value, None)
+    if number is None or (not iso and isinstance(value, str) and not _is_numeric(value)):
+        kind = "a number or an ISO-8601 time" if iso else "a number"
+        raise Rejected(R_MISTYPED, f"{key} must be {kind}, got {type(value).__name__} {value!r:.40}")
+    return number
+
+
+def _is_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def extra_fields(obj: dict) -> str | None:
+    """The record's unrecognised top-level fields as canonical JSON text (None when there are none)."""
+    extra = {k: v for k, v in obj.items() if k not in CORE_KEYS}
+    return canonical_json(extra) if extra else None
+
+
 def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "default") -> dict:
     """One decoded JSON object -> a LOG_RECORD row, or `Rejected` with a reason code."""
     if not isinstance(obj, dict):
@@ -189,7 +241,7 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
     if "request" in obj:  # blueprint / flywheel shape
         req = obj["request"]
         if not isinstance(req, dict):
-            raise Rejected(R_MISSING_FIELD, "request must be an object with messages")
+            raise Rejected(R_MISTYPED, f"request must be an object with messages, got {type(req).__name__}")
         if "response" not in obj:
             raise Rejected(R_MISSING_FIELD, "response is missing")
         raw_messages, tools, resp = req.get("messages"), req.get("tools"), obj["response"]
@@ -197,7 +249,9 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
         model = (resp.get("model") if isinstance(resp, dict) else None) or req.get("model")
     elif "messages" in obj:  # OpenAI chat JSONL: the last assistant message is the answer
         raw_messages, tools = obj["messages"], obj.get("tools")
-        if not isinstance(raw_messages, list) or not raw_messages:
+        if not isinstance(raw_messages, list):
+            raise Rejected(R_MISTYPED, f"messages must be a list, got {type(raw_messages).__name__}")
+        if not raw_messages:
             raise Rejected(R_BAD_MESSAGES, "messages must be a non-empty list")
         if not isinstance(raw_messages[-1], dict) or raw_messages[-1].get("role") != "assistant":
             raise Rejected(R_BAD_RESPONSE, "the last message must be the assistant's answer")
@@ -205,14 +259,20 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
         raw_messages, resp, model = raw_messages[:-1], {}, obj.get("model")
     else:
         raise Rejected(R_UNKNOWN_FORMAT, "expected `request`+`response` (blueprint) or `messages` (OpenAI JSONL)")
-    if not isinstance(raw_messages, list) or not raw_messages:
+    if raw_messages is None:
+        raise Rejected(R_MISSING_FIELD, "request.messages is missing")
+    if not isinstance(raw_messages, list):
+        raise Rejected(R_MISTYPED, f"request.messages must be a list, got {type(raw_messages).__name__}")
+    if not raw_messages:
         raise Rejected(R_BAD_MESSAGES, "request.messages must be a non-empty list")
     messages = [normalise_message(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
     agent = obj.get("agent_id") or obj.get("workload_id") or meta.get("agent_id") or default_agent
-    if not isinstance(agent, str) or not agent:
+    if agent and not isinstance(agent, str):
+        raise Rejected(R_MISTYPED, f"the agent id must be text, got {type(agent).__name__} {agent!r:.40}")
+    if not agent:
         raise Rejected(R_NO_AGENT, "no agent id (agent_id, workload_id or metadata.agent_id); pass --agent-id")
     tools_json = _tools(tools)
-    ts = _number(obj.get("timestamp", meta.get("timestamp")), 0.0)
+    ts = _typed_number(obj, meta, "timestamp", 0.0, iso=True)
     session = next((str(obj[k]) for k in SESSION_KEYS if obj.get(k) not in (None, "")), None)
     session = session or next((str(meta[k]) for k in SESSION_KEYS if meta.get(k) not in (None, "")), None)
     prompt_tokens, completion_tokens = _usage(resp)
@@ -223,11 +283,11 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
         "tenant": str(obj.get("tenant") or obj.get("client_id") or meta.get("tenant") or tenant),
         "timestamp": ts, "session_id": session, "messages": messages, "tools_json": tools_json,
         "response": answer, "model": model if isinstance(model, str) else None,
-        "latency_ms": _number(obj.get("latency_ms"), None),
+        "latency_ms": _typed_number(obj, {}, "latency_ms", None),
         "prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else None,
         "completion_tokens": completion_tokens if isinstance(completion_tokens, int) else None,
-        "feedback": _number(obj.get("feedback", meta.get("feedback")), None),
-        "source": source,
+        "feedback": _typed_number(obj, meta, "feedback", None),
+        "source": source, "extra_json": extra_fields(obj),
     }
 
 
@@ -238,16 +298,25 @@ def quarantine_row(reason: str, detail: str, source: str, raw: str, stage: str =
 
 
 def parse_lines(lines: Iterable[bytes], source: str, default_agent: str = "", tenant: str = "default",
-                max_bytes: int = 1_000_000) -> tuple[list[dict], list[dict]]:
-    """Raw JSONL lines -> (records, quarantined). Blank lines are skipped; every other line lands in one."""
+                max_bytes: int = DEFAULT_MAX_LINE_BYTES, known_agents: Collection[str] = (),
+                first_line: int = 1) -> tuple[list[dict], list[dict]]:
+    """Raw JSONL lines -> (records, quarantined). Blank lines are skipped; every other line lands in one.
+
+    `known_agents`, when given, is an allowlist: records of any other agent are quarantined as `unknown_agent`.
+    `first_line` numbers the first line (ingest feeds a large file in chunks).
+    """
+    allow = frozenset(known_agents)
     records, quarantined = [], []
-    for lineno, raw in enumerate(lines, start=1):
+    for lineno, raw in enumerate(lines, start=first_line):
         where = f"{source}:{lineno}"
         if not raw.strip():
             continue
         preview = raw[:4096].decode("utf-8", "replace")
         if len(raw) > max_bytes:
-            quarantined.append(quarantine_row(R_OVERSIZED, f"{len(raw)} bytes > {max_bytes}", where, preview))
+            size = f"{len(raw)}{'+' if len(raw) == max_bytes + 1 else ''} bytes"  # a streamed line is cut at cap+1
+            quarantined.append(quarantine_row(
+                R_OVERSIZED, f"the line is longer than max_line_bytes={max_bytes} ({size}); raise the cap to accept it",
+                where, preview))
             continue
         try:
             text = raw.decode("utf-8")
@@ -257,10 +326,16 @@ def parse_lines(lines: Iterable[bytes], source: str, default_agent: str = "", te
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            quarantined.append(quarantine_row(R_INVALID_JSON, f"{e.msg} at column {e.colno}", where, text))
+            cut = e.pos >= len(text.rstrip())
+            detail = f"{e.msg} at column {e.colno}" + (" (the line ends mid-value: truncated?)" if cut else "")
+            quarantined.append(quarantine_row(R_INVALID_JSON, detail, where, text))
             continue
         try:
-            records.append(parse_record(obj, where, default_agent, tenant))
+            record = parse_record(obj, where, default_agent, tenant)
+            if allow and record["agent_id"] not in allow:
+                raise Rejected(R_UNKNOWN_AGENT, f"agent {record['agent_id']!r} is not among the known agents "
+                                                f"{sorted(allow)}; add it to known_agents to accept it")
+            records.append(record)
         except Rejected as e:
             agent = obj.get("workload_id") or obj.get("agent_id") if isinstance(obj, dict) else None
             quarantined.append(quarantine_row(e.reason, e.detail, where, text,

@@ -1,11 +1,19 @@
 """Curation's pure core: one batch of log records -> cleaned example rows, each kept or set aside with a reason.
 
-No Ray here (`flywheel.curate.pipeline` applies these with Ray Data). Every function is deterministic, so a
-rerun gives the same dataset. Reason codes (stable, counted in the manifest):
+    flywheel curate --agents sgd_Flights            (applied by `flywheel.curate.pipeline` on Ray Data)
+
+No Ray here. Every function is deterministic, so a rerun gives the same dataset. Per batch (`clean_batch`):
+validate and label each record, score toxicity once for the batch, redact PII consistently per record
+(`flywheel.curate.pii`: regex always, Presidio for the agents that ask), then compute the exact dedup key and
+the MinHash signature (`flywheel.curate.near_dup`). Per agent, on the small key columns: exact duplicates,
+near-duplicates, classifier or free text, a label-balanced cap, the session-grouped stratified split.
+
+Reason codes (stable, counted in the manifest):
 
     oversized_record, no_user_turn, empty_answer, refusal, unknown_tool, bad_tool_arguments,
     negative_feedback, duplicate, student_answer (answered by a student: not a teacher label; it stays in
-    the logs for monitoring and review)
+    the logs for monitoring and review), toxic, tool_schema_violation, too_long, too_short (see
+    `flywheel.curate.quality`), near_duplicate (`flywheel.curate.near_dup`), over_agent_cap
 """
 
 from __future__ import annotations
@@ -16,6 +24,11 @@ import re
 from collections import Counter, defaultdict
 from typing import Any, Iterable
 
+from flywheel.config import CurateConfig
+from flywheel.curate import near_dup, pii, quality
+from flywheel.curate.pii import PII_PATTERNS, Redactor, _luhn  # noqa: F401  (re-exported: monitor, tests)
+from flywheel.curate.near_dup import mark_near_duplicates  # noqa: F401  (re-exported: the pipeline)
+
 R_OVERSIZED = "oversized_record"
 R_NO_USER = "no_user_turn"
 R_EMPTY = "empty_answer"
@@ -25,60 +38,19 @@ R_BAD_ARGS = "bad_tool_arguments"
 R_NEGATIVE = "negative_feedback"
 R_DUPLICATE = "duplicate"
 R_STUDENT = "student_answer"
+R_TOXIC = quality.R_TOXIC
+R_SCHEMA = quality.R_SCHEMA
+R_TOO_LONG = quality.R_TOO_LONG
+R_TOO_SHORT = quality.R_TOO_SHORT
+R_NEAR_DUP = near_dup.R_NEAR_DUP
+R_OVER_CAP = "over_agent_cap"
+RARE = "__rare__"  # the stratum of labels too small to stratify on their own
 
 REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:no|')t (?:help|assist)|as an ai\b|i am unable to|"
                         r"i'm unable to)", re.IGNORECASE)
 
-# --- PII -------------------------------------------------------------------------------------------------
-# Order matters: cards before phones (a card number contains phone-like runs).
-PII_PATTERNS: list[tuple[str, re.Pattern]] = [
-    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")),
-    ("CARD", re.compile(r"\b(?:\d[ -]?){12,18}\d\b")),
-    ("SSN", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),
-    ("IP", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")),
-    ("PHONE", re.compile(r"(?<![\w-])(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b")),
-]
 
-
-def _luhn(number: str) -> bool:
-    digits = [int(c) for c in number if c.isdigit()]
-    checksum = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2 == 1:
-            d = d * 2 - 9 if d * 2 > 9 else d * 2
-        checksum += d
-    return len(digits) >= 13 and checksum % 10 == 0
-
-
-class Redactor:
-    """Consistent redaction within one record: the same value gets the same placeholder everywhere
-    (prompt and teacher answer), so a student still learns to copy it into a tool argument."""
-
-    def __init__(self):
-        self.mapping: dict[str, str] = {}
-        self.counts: Counter = Counter()
-
-    def _placeholder(self, kind: str, value: str) -> str:
-        if value not in self.mapping:
-            n = sum(1 for p in self.mapping.values() if p.startswith(f"<{kind}_")) + 1
-            self.mapping[value] = f"<{kind}_{n}>"
-            self.counts[kind] += 1
-        return self.mapping[value]
-
-    def __call__(self, text: str | None) -> str | None:
-        if not text:
-            return text
-        for kind, pattern in PII_PATTERNS:
-            def sub(m: re.Match, kind=kind) -> str:
-                value = m.group(0)
-                if kind == "CARD" and not _luhn(value):
-                    return value
-                return self._placeholder(kind, value)
-
-            text = pattern.sub(sub, text)
-        return text
-
-
+# --- PII (one text at a time; `clean_batch` redacts whole records with `pii.redact_record`) ----------------
 def redact_message(msg: dict | None, redact: Redactor) -> dict | None:
     if msg is None:
         return None
@@ -144,13 +116,13 @@ def tool_names(tools_json: str | None) -> set[str]:
 
 
 # --- the per-record step ---------------------------------------------------------------------------------
-def clean_record(row: dict, max_record_bytes: int) -> dict:
-    """One LOG_RECORD row -> a cleaned row with `reason` None (kept) or a reason code (set aside)."""
+def _check(row: dict, max_record_bytes: int, cfg: CurateConfig) -> dict:
+    """Validate and label one LOG_RECORD row (nothing redacted yet): `reason` None (kept) or a reason code."""
     out = {
         "example_id": row["record_id"], "record_id": row["record_id"], "agent_id": row["agent_id"],
         "session_id": row.get("session_id") or row["record_id"], "timestamp": row.get("timestamp") or 0.0,
         "tools_json": row.get("tools_json") or "[]", "reason": None, "detail": None,
-        "dedup_key": None, "label": None, "task": None, "pii": "{}",
+        "dedup_key": None, "label": None, "task": None, "pii": "{}", "minhash": None,
         "messages": row.get("messages") or [], "target": row.get("response"), "source": row.get("source"),
     }
 
@@ -175,10 +147,14 @@ def clean_record(row: dict, max_record_bytes: int) -> dict:
             if declared and tc["name"] not in declared:
                 return reject(R_UNKNOWN_TOOL, f"{tc['name']!r} is not among the declared tools {sorted(declared)}")
             try:
-                if not isinstance(json.loads(tc.get("arguments") or "{}"), dict):
+                args = json.loads(tc.get("arguments") or "{}")
+                if not isinstance(args, dict):
                     raise ValueError
             except ValueError:
                 return reject(R_BAD_ARGS, f"arguments of {tc['name']!r} are not a JSON object")
+            violation = quality.schema_violation(out["tools_json"], tc["name"], args)
+            if violation:
+                return reject(R_SCHEMA, violation)
         out["task"], out["label"] = "tool_call", "+".join(sorted({tc["name"] for tc in calls}))
     else:
         content = (answer.get("content") or "").strip()
@@ -188,16 +164,62 @@ def clean_record(row: dict, max_record_bytes: int) -> dict:
             return reject(R_REFUSAL, content[:120])
         label = class_label(content)
         out["task"], out["label"] = ("classification", label) if label else ("text", "text")
-    redact = Redactor()
-    out["messages"] = [redact_message(m, redact) for m in out["messages"]]
-    out["target"] = redact_message(answer, redact)
-    out["pii"] = json.dumps(dict(redact.counts), sort_keys=True)
-    out["dedup_key"] = dedup_key(out["agent_id"], out["messages"], out["tools_json"])
+    bounds = quality.length_violation(out["messages"], answer, cfg.max_prompt_chars, cfg.max_answer_chars,
+                                      cfg.min_answer_chars)
+    if bounds:
+        return reject(*bounds)
     return out
 
 
-def clean_batch(rows: Iterable[dict], max_record_bytes: int) -> list[dict]:
-    return [clean_record(r, max_record_bytes) for r in rows]
+def _flag_toxic(outs: list[dict], threshold: float) -> None:
+    """Score every user turn and answer text of the batch's kept records at once; set aside the toxic ones."""
+    if threshold >= 1.0:
+        return
+    pairs = {id(o): quality.scored_texts(o["messages"], o["target"]) for o in outs if o["reason"] is None}
+    scores = quality.toxicity(t for ps in pairs.values() for _, t in ps)
+    for o in outs:
+        if o["reason"] is None:
+            detail = quality.toxic_detail(pairs[id(o)], scores, threshold)
+            if detail:
+                o["reason"], o["detail"] = R_TOXIC, detail
+
+
+def _redact(outs: list[dict], cfg: CurateConfig) -> None:
+    """Redact every record (kept or set aside: quarantine is stored too), Presidio once per batch."""
+    policies = {a: pii.policy_for(a, cfg.presidio_agents, cfg.presidio_entities, cfg.presidio_min_score,
+                                  cfg.pii_allow) for a in {o["agent_id"] for o in outs}}
+    texts = [t for o in outs if policies[o["agent_id"]].presidio and o["reason"] != R_OVERSIZED
+             for t in pii.record_texts([*o["messages"], o["target"]], policies[o["agent_id"]].allow_args)]
+    found = pii.presidio_spans(texts, tuple(cfg.presidio_entities), cfg.presidio_min_score) if texts else {}
+    for o in outs:
+        policy = policies[o["agent_id"]]
+        use = found if policy.presidio and o["reason"] != R_OVERSIZED else None
+        o["messages"], o["target"], redactor = pii.redact_record(o["messages"], o["target"], policy, use)
+        o["detail"] = redactor.apply(o["detail"])
+        o["pii"] = json.dumps(dict(redactor.counts), sort_keys=True)
+
+
+def clean_batch(rows: Iterable[dict], max_record_bytes: int | None = None,
+                cfg: CurateConfig | None = None) -> list[dict]:
+    """LOG_RECORD rows -> cleaned rows (kept: `reason` None; set aside: a reason code and a detail).
+
+    `cfg` carries the quality settings (defaults: `CurateConfig()`); `max_record_bytes` overrides its bound.
+    """
+    cfg = cfg or CurateConfig()
+    limit = cfg.max_record_bytes if max_record_bytes is None else max_record_bytes
+    outs = [_check(r, limit, cfg) for r in rows]
+    _flag_toxic(outs, cfg.toxicity_threshold)
+    _redact(outs, cfg)
+    for o in outs:
+        if o["reason"] is None:
+            o["dedup_key"] = dedup_key(o["agent_id"], o["messages"], o["tools_json"])
+            o["minhash"] = near_dup.signature(o["messages"], cfg.near_dup_num_perm)
+    return outs
+
+
+def clean_record(row: dict, max_record_bytes: int | None = None, cfg: CurateConfig | None = None) -> dict:
+    """One LOG_RECORD row -> a cleaned row (see `clean_batch`)."""
+    return clean_batch([row], max_record_bytes, cfg)[0]
 
 
 # --- whole-agent decisions (run on the small key columns) ------------------------------------------------
@@ -229,30 +251,72 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
+def cap_examples(rows: list[dict], max_examples: int, seed: int) -> int:
+    """A label-balanced cap on an agent's kept rows; the rest are set aside as `over_agent_cap`. Returns how many.
+
+    The cap is shared by water-filling: every label gets an equal share, a label smaller than its share keeps
+    all of its rows and leaves the remainder to the others. Within a label the rows kept are the first in a
+    seeded hash order of their record ids, so a rerun (and a later version with more logs) keeps the same ones.
+    Settles the task first (`settle_task`), as labels depend on it.
+    """
+    kept = [r for r in rows if r["reason"] is None]
+    if max_examples <= 0 or len(kept) <= max_examples:
+        return 0
+    settle_task(kept)
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in kept:
+        by_label[r["label"]].append(r)
+    labels = sorted(by_label, key=lambda lb: (len(by_label[lb]), lb))
+    left, n = max_examples, 0
+    for i, label in enumerate(labels):
+        members = sorted(by_label[label], key=lambda r: _rank(seed, r["record_id"]))
+        quota = min(len(members), left // (len(labels) - i))
+        left -= quota
+        for r in members[quota:]:
+            r["reason"] = R_OVER_CAP
+            r["detail"] = (f"max_examples_per_agent={max_examples}: label {label!r} keeps {quota} of "
+                           f"{len(members)} (label-balanced)")
+            n += 1
+    return n
+
+
 def split_groups(rows: list[dict], eval_fraction: float, min_eval_per_label: int, seed: int,
-                 pinned: dict[str, str] | None = None) -> dict[str, str]:
+                 pinned: dict[str, str] | None = None,
+                 min_label_count: int = CurateConfig.min_label_count) -> dict[str, str]:
     """Stratified train/eval split by label, grouped by session (a conversation never spans both).
 
-    Labels are visited rarest first; each takes sessions into eval (deterministic hash order) until its eval
-    share reaches `eval_fraction` (at least `min_eval_per_label` when the label has two or more sessions).
+    Labels with fewer than `min_label_count` rows are too small to stratify on their own: they form one stratum,
+    `__rare__` (as the NVIDIA Data Flywheel blueprint does), which takes its eval share as a whole. Strata are
+    visited smallest first; each takes sessions into eval (deterministic hash order) until its eval share reaches
+    `eval_fraction` (at least `min_eval_per_label` when it has two or more sessions). A session goes to eval only
+    if every label it holds keeps a session in train, so eval labels are always seen in training.
     `pinned` maps sessions to a split already used by an earlier version, so eval never leaks into train.
     Returns session -> "train" | "eval".
     """
     assign: dict[str, str] = dict(pinned or {})
-    by_label: dict[str, list[dict]] = defaultdict(list)
+    counts = Counter(r["label"] for r in rows)
+    strata: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_label[r["label"]].append(r)
-    for label in sorted(by_label, key=lambda lb: (len(by_label[lb]), lb)):
-        members = by_label[label]
+        strata[RARE if counts[r["label"]] < min_label_count else r["label"]].append(r)
+    for stratum in sorted(strata, key=lambda st: (len(strata[st]), st)):
+        members = strata[stratum]
         sessions = sorted({r["session_id"] for r in members}, key=lambda s: _rank(seed, s))
         per_session = Counter(r["session_id"] for r in members)
+        labels_of: dict[str, set[str]] = defaultdict(set)
+        sessions_of: dict[str, set[str]] = defaultdict(set)
+        for r in members:
+            labels_of[r["session_id"]].add(r["label"])
+            sessions_of[r["label"]].add(r["session_id"])
+        in_train = {lb: sum(1 for s in ss if assign.get(s) != "eval") for lb, ss in sessions_of.items()}
         want = max(round(eval_fraction * len(members)), min_eval_per_label if len(sessions) >= 2 else 0)
         have = sum(per_session[s] for s in sessions if assign.get(s) == "eval")
         for s in sessions:
             if s in assign:
                 continue
-            if have < want and len([x for x in sessions if assign.get(x) != "eval"]) > 1:
+            if have < want and all(in_train[lb] > 1 for lb in labels_of[s]):
                 assign[s], have = "eval", have + per_session[s]
+                for lb in labels_of[s]:
+                    in_train[lb] -= 1
             else:
                 assign[s] = "train"
     return assign

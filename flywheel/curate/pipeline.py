@@ -1,26 +1,39 @@
-"""Curation on Ray Data: log store -> per-agent, immutable dataset versions with a manifest.
+"""Curation on Ray Data: log store -> per-agent, immutable, incremental dataset versions with a manifest and card.
 
     flywheel curate --agents sgd_Flights,sgd_Restaurants --json
     ray job submit --working-dir . -- python jobs/curate.py --config jobs/curate.yaml
 
-1. Ray Data streams every Parquet part of the log store through `filters.clean_batch` (validate, quarantine
-   with a reason, redact PII, label, dedup key) and writes the cleaned rows to a staging folder.
-2. The driver reads only the small key columns to take the whole-agent decisions: exact dedup across the agent's
-   history, classifier or free text, and the session-grouped stratified split.
-3. Each agent's version is written under `datasets/_staging/`, then published by one rename to
-   `datasets/<agent>/<version>/` and the `LATEST` pointer is written last. A crash before that publishes nothing.
+1. Plan. Each agent's latest version lists the log parts it consumed (`lineage.parts`); only parts that hold an
+   agent in scope which has not consumed them are read. `incremental: false`, or a config that differs from the
+   previous version's, rebuilds from every part.
+2. Clean (Ray Data, streaming, bounded memory). One task per log part streams it batch by batch through
+   `filters.clean_batch` (validate, quality, PII, label, dedup key, MinHash) into
+   `datasets/_staging/<run>/cleaned/`, partitioned by agent.
+3. Decide (driver, key columns only). Per agent: the previous version's keys (`keys.parquet`) + the new records'
+   keys -> exact and near duplicates (the previous version's examples sort first, so they win), classifier or
+   free text, the session-grouped stratified split with sessions pinned to the split an earlier version gave them.
+4. Write (streaming). The previous version's files and the agent's new cleaned rows stream batch by batch through
+   the decisions into `train/eval/quarantine.parquet`, then `keys.parquet`, the card (`card.md`,
+   `class_balance.png`) and `manifest.json`, all in the staging folder. The driver holds one batch and the keys.
+5. Publish. One rename to `datasets/<agent>/<version>/` (object stores: every object copied, the manifest last),
+   then the `LATEST` pointer. A crash before that publishes nothing. `FLYWHEEL_FAULT=after_staging_write` (or
+   `after_publish`) makes the process exit at that point: the crash tests use it.
 
 A version is named from its input (record ids + config), so curating the same logs twice gives the same version.
-Counts add up: records in == kept (train + eval) + quarantined, per agent, in `manifest.json`.
+Counts add up: records in == kept (train + eval) + quarantined, per agent, in `manifest.json`. `executor="local"`
+runs the clean stage in this process without Ray (small data, and the benchmark's single-process baseline).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,10 +41,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from flywheel.capture.ingest import digest
-from flywheel.capture.store import LogStore, write_parquet
+from flywheel.capture.store import QUARANTINE_DIR, LogStore, write_parquet
 from flywheel.config import CurateConfig
-from flywheel.curate import filters
-from flywheel.schema import EXAMPLE, MESSAGE, QUARANTINE
+from flywheel.curate import card, filters
+from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE
 from flywheel.storage import Store
 
 CLEAN = pa.schema([
@@ -40,15 +53,25 @@ CLEAN = pa.schema([
     ("tools_json", pa.string()), ("target", MESSAGE), ("label", pa.string()), ("task", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()), ("dedup_key", pa.string()), ("pii", pa.string()),
     ("source", pa.string()),
+    ("minhash", pa.binary()),  # issue 3 (quality): near_dup.signature of the redacted request
 ])
-KEYS = ["record_id", "agent_id", "session_id", "timestamp", "label", "task", "reason", "dedup_key", "pii"]
+KEYS = ["record_id", "agent_id", "session_id", "timestamp", "label", "task", "reason", "dedup_key", "pii",
+        "minhash"]
+# keys.parquet, one row per record of a version: the clean stage's keys (raw label/task/reason) + the decision.
+DECISION = [("final_reason", pa.string()), ("final_detail", pa.string()), ("final_label", pa.string()),
+            ("final_task", pa.string()), ("split", pa.string())]
+KEYS_FILE = pa.schema([CLEAN.field(k) for k in KEYS] + DECISION)
+NOT_IN_DIGEST = ("home", "agents", "batch_size", "incremental", "write_batch_rows")  # do not change the output
+FAULT_ENV, FAULT_EXIT = "FLYWHEEL_FAULT", 17
+STAGING = "datasets/_staging"
 
 
-def clean_arrow_batch(batch: pa.Table, max_record_bytes: int, agents: tuple[str, ...] = ()) -> pa.Table:
-    """The Ray Data stage: an Arrow batch of LOG_RECORD rows -> CLEAN rows (kept and set aside alike)."""
+def clean_arrow_batch(batch: pa.Table, max_record_bytes: int | None = None, agents: tuple[str, ...] = (),
+                      cfg: CurateConfig | None = None) -> pa.Table:
+    """One Arrow batch of LOG_RECORD rows -> CLEAN rows (kept and set aside alike): the step both executors run."""
     if agents:
         batch = batch.filter(pc.is_in(batch["agent_id"], value_set=pa.array(list(agents), pa.string())))
-    return pa.Table.from_pylist(filters.clean_batch(batch.to_pylist(), max_record_bytes), schema=CLEAN)
+    return pa.Table.from_pylist(filters.clean_batch(batch.to_pylist(), max_record_bytes, cfg), schema=CLEAN)
 
 
 def latest_version(store: Store, agent: str) -> str | None:
@@ -69,119 +92,367 @@ def read_split(store: Store, agent: str, version: str, split: str) -> pa.Table:
         return pq.read_table(f, schema=EXAMPLE)
 
 
-def _pinned_sessions(store: Store, agent: str) -> dict[str, str]:
+def _pinned_sessions(store: Store, agent: str, version: str | None) -> dict[str, str]:
     """Sessions an earlier version put in eval stay in eval (and train in train): no leak across versions."""
-    prev = latest_version(store, agent)
-    if not prev:
-        return {}
-    pinned = {}
-    for split in ("train", "eval"):
-        for s in read_split(store, agent, prev, split).column("session_id").to_pylist():
-            pinned[s] = split
+    pinned: dict[str, str] = {}
+    for split in ("train", "eval") if version else ():
+        with store.open(f"datasets/{agent}/{version}/{split}.parquet", "rb") as f:
+            pinned.update(dict.fromkeys(pq.read_table(f, columns=["session_id"]).column(0).to_pylist(), split))
     return pinned
 
 
-def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False) -> dict:
-    """Run curation; returns {agent: manifest} for every agent that got (or already had) a version."""
-    import ray
+def _digest_config(cfg: CurateConfig) -> dict:
+    """The settings that shape a version (they name it, and an incremental build must share them)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_DIGEST}
+    return json.loads(json.dumps(config, default=str))
 
+
+def _fault(point: str) -> None:
+    """Deterministic crash injection for the retry-safety tests (`FLYWHEEL_FAULT=<point>`)."""
+    if os.environ.get(FAULT_ENV) == point:
+        os._exit(FAULT_EXIT)
+
+
+@dataclasses.dataclass
+class Base:
+    """The previous version an incremental build starts from."""
+
+    version: str
+    manifest: dict
+    parts: frozenset[str]
+
+
+def _base(store: Store, agent: str, config: dict) -> Base | None:
+    """The agent's latest version when a new one can build on it (same config, keys recorded), else None."""
+    version = latest_version(store, agent)
+    manifest = store.read_json(f"datasets/{agent}/{version}/manifest.json") if version else None
+    if not manifest or manifest.get("config") != config or "parts" not in manifest.get("lineage", {}):
+        return None
+    if not store.exists(f"datasets/{agent}/{version}/keys.parquet"):
+        return None
+    return Base(version, manifest, frozenset(manifest["lineage"]["parts"]))
+
+
+# -- the clean stage: Ray Data, or this process ----------------------------------------------------------------
+def clean_part(paths: pa.Table, filesystem: Any, cfg: CurateConfig, agents: tuple[str, ...] = ()) -> Iterator[pa.Table]:
+    """The Ray Data stage: log part path(s) -> CLEAN tables, one per `cfg.batch_size` records, streamed (a task
+    holds one batch of one part, never a whole part's output)."""
+    for path in paths.column("path").to_pylist():
+        with filesystem.open_input_file(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_size):
+                yield clean_arrow_batch(pa.Table.from_batches([rb]), cfg.max_record_bytes, agents, cfg)
+
+
+def _clean(executor: str, store: Store, parts: list[str], out_rel: str, cfg: CurateConfig,
+           agents: tuple[str, ...]) -> None:
+    """Stream `parts` (names under logs/parquet) through `clean_arrow_batch` into `out_rel`, hive-partitioned
+    by agent. Ray: one task per log part (explicit: Ray's Parquet reader plans tasks by bytes on disk and would
+    read a few well-compressed parts in one task, on one CPU). Local: one batch at a time in this process."""
+    pafs, base = store.pyarrow_fs()
+    paths = [f"{base}/logs/parquet/{p}" for p in parts]
+    if executor == "ray":
+        import ray
+
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+        ds = ds.map_batches(clean_part, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"filesystem": pafs, "cfg": cfg, "agents": agents})
+        ds.write_parquet(f"{base}/{out_rel}", filesystem=pafs, partition_cols=["agent_id"])
+        return
+    if executor != "local":
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    source = pads.dataset(paths, filesystem=pafs, format="parquet", schema=LOG_RECORD)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for rb in source.to_batches(batch_size=cfg.batch_size, batch_readahead=1, fragment_readahead=1):
+            yield from clean_arrow_batch(pa.Table.from_batches([rb]), cfg.max_record_bytes, agents, cfg).to_batches()
+
+    pads.write_dataset(pa.RecordBatchReader.from_batches(CLEAN, batches()), f"{base}/{out_rel}", filesystem=pafs,
+                       format="parquet", partitioning=["agent_id"], partitioning_flavor="hive",
+                       min_rows_per_group=cfg.write_batch_rows, existing_data_behavior="overwrite_or_ignore")
+
+
+def _ingest_reasons(store: Store) -> dict[str, Counter]:
+    """Lines quarantined at ingest, by agent and reason ("" for lines that name no agent): the card's first stage."""
+    out: dict[str, Counter] = defaultdict(Counter)
+    for name in store.list(f"{QUARANTINE_DIR}/ingest"):
+        with store.open(f"{QUARANTINE_DIR}/ingest/{name}", "rb") as f:
+            t = pq.read_table(f, columns=["reason", "agent_id"])
+        for reason, agent in zip(t.column("reason").to_pylist(), t.column("agent_id").to_pylist()):
+            out[agent or ""][reason] += 1
+    return out
+
+
+def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False, executor: str = "ray") -> dict:
+    """Run curation; returns {agent: manifest} for every agent in scope that got (or already had) a version."""
     store = store or Store(cfg.home or None)
+    timings: dict[str, float] = {}
+    started = time.time()
     logs = LogStore(store)
     logs.compact()
-    files = logs.parquet_files()
-    if not files:
+    names = logs.part_names()
+    if not names:
         raise FileNotFoundError(f"no logs under {store.uri}/logs: run `flywheel ingest FILE` or serve traffic first")
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    pafs, base = store.pyarrow_fs()
+    index = logs.part_agents(names)
+    scope = sorted(set(cfg.agents) or set().union(*index.values()))
+    config = _digest_config(cfg)
+    bases = {a: _base(store, a, config) if cfg.incremental else None for a in scope}
+    to_read = [n for n in names if any(a in bases and n not in (bases[a].parts if bases[a] else ())
+                                       for a in index[n])]
+    timings["plan"] = time.time() - started
     run = uuid.uuid4().hex[:12]
-    staging = f"datasets/_staging/{run}"
-    started = time.time()
-    ds = ray.data.read_parquet([f.split("://", 1)[-1] for f in files], filesystem=pafs)
-    ds = ds.map_batches(clean_arrow_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
-                        fn_kwargs={"max_record_bytes": cfg.max_record_bytes, "agents": cfg.agents})
-    ds.write_parquet(f"{base}/{staging}/cleaned", filesystem=pafs)
-    cleaned = pads.dataset(f"{base}/{staging}/cleaned", filesystem=pafs, format="parquet", schema=CLEAN)
-    keys = cleaned.to_table(columns=KEYS).to_pylist()
-    clean_s = time.time() - started
-    by_agent: dict[str, list[dict]] = {}
-    for r in keys:
-        by_agent.setdefault(r["agent_id"], []).append(r)
-    manifests = {}
+    staging = f"{STAGING}/{run}"
+    manifests: dict[str, dict] = {}
     try:
-        for agent in sorted(by_agent):
-            manifests[agent] = _publish_agent(store, cfg, agent, by_agent[agent], cleaned, staging, run)
-            manifests[agent]["timings_s"] = {"clean_all_agents": round(clean_s, 2)}
+        cleaned, fresh_agents = None, set()
+        if to_read:
+            t0 = time.time()
+            if executor == "ray":
+                import ray
+
+                if not ray.is_initialized():
+                    ray.init(configure_logging=False)
+                ray.data.DataContext.get_current().enable_progress_bars = progress
+            _clean(executor, store, to_read, f"{staging}/cleaned", cfg, tuple(cfg.agents))
+            timings["clean"] = time.time() - t0
+            if store.exists(f"{staging}/cleaned"):
+                pafs, base = store.pyarrow_fs()
+                cleaned = pads.dataset(f"{base}/{staging}/cleaned", filesystem=pafs, format="parquet",
+                                       partitioning="hive", schema=CLEAN)
+                fresh_agents = set(scope) & {a for n in to_read for a in index[n]}
+        ingest = _ingest_reasons(store) if fresh_agents else {}
+        for agent in scope:
+            b = bases[agent]
+            if agent in fresh_agents:
+                parts_read = sorted(n for n in to_read if agent in index[n])
+                m = _publish_agent(store, cfg, agent, cleaned, staging, run, b, parts_read, ingest)
+            elif b is not None:
+                m = dict(b.manifest)  # nothing new for this agent: its latest version stands
+            else:
+                continue
+            manifests[agent] = {**m, "timings_s": {**{k: round(v, 3) for k, v in timings.items()},
+                                                   **m.get("timings_s", {})}}
     finally:
         store.remove(staging)
     return manifests
 
 
-def _publish_agent(store: Store, cfg: CurateConfig, agent: str, keys: list[dict], cleaned: pads.Dataset,
-                   staging: str, run: str) -> dict:
-    keys = list({r["record_id"]: r for r in reversed(keys)}.values())  # a replayed record counts once
-    rows = [r for r in keys if r["reason"] is None]
+# -- one agent: decide on the keys, stream the rows through the decisions, publish -----------------------------
+def _read_keys(store: Store, rel: str) -> list[dict]:
+    with store.open(rel, "rb") as f:
+        return pq.read_table(f, schema=KEYS_FILE).to_pylist()
+
+
+def _publish_agent(store: Store, cfg: CurateConfig, agent: str, cleaned: pads.Dataset, staging: str, run: str,
+                   base: Base | None, parts_read: list[str], ingest: dict[str, Counter] | None = None) -> dict:
+    t0 = time.time()
+    prior = _read_keys(store, f"datasets/{agent}/{base.version}/keys.parquet") if base else []
+    prior_ids = {r["record_id"] for r in prior}
+    seen = set(prior_ids)
+    fresh = []
+    new_keys = cleaned.to_table(columns=list(dict.fromkeys(KEYS + ["detail"])),
+                                filter=pads.field("agent_id") == agent).to_pylist()
+    for r in new_keys:
+        if r["record_id"] not in seen:  # a replayed record (same id) counts once; the earlier copy stays
+            seen.add(r["record_id"])
+            fresh.append(r)
+    del new_keys
+    clean_reasons = Counter(r["reason"] for r in fresh if r["reason"] is not None)  # before the decisions
+    carried = [r for r in prior if r["final_reason"] is None]
+    rows = carried + [r for r in fresh if r["reason"] is None]  # the pool the whole-agent decisions see
+    raw = {r["record_id"]: (r["label"], r["task"], r["timestamp"]) for r in rows}
+    for r in carried:
+        r["detail"] = None
+        r["timestamp"] = float("-inf")  # the previous version's examples are first in time: a late copy loses
     n_dup = filters.mark_duplicates(rows)
+    # --- issue 3 (quality): near-duplicates across the agent's whole history, then the label-balanced cap ---
+    filters.mark_near_duplicates(rows, cfg.near_dup_threshold)
+    filters.cap_examples(rows, cfg.max_examples_per_agent, cfg.seed)
+    # --- end issue 3 ---
     kept = [r for r in rows if r["reason"] is None]
     filters.settle_task(kept)
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("home", "agents", "batch_size")}
-    version = digest(agent, sorted(r["record_id"] for r in keys), config, n=12)
+    for r in carried:
+        r["timestamp"] = raw[r["record_id"]][2]
+    config = _digest_config(cfg)
+    every = prior + fresh
+    version = digest(agent, sorted(r["record_id"] for r in every), config, n=12)
     if store.exists(f"datasets/{agent}/{version}/manifest.json"):  # same input, same output: retry-safe
+        if latest_version(store, agent) != version:  # a crash between publish and LATEST: finish the job
+            store.write_json(f"datasets/{agent}/LATEST", {"version": version})
         return store.read_json(f"datasets/{agent}/{version}/manifest.json")
-    reasons = Counter(r["reason"] for r in keys if r["reason"] is not None)
+    in_pool = {r["record_id"] for r in rows}
+
+    def decision(r: dict) -> tuple:  # (reason, detail, label, task)
+        if r["record_id"] in in_pool or r["record_id"] not in prior_ids:  # decided now
+            return r["reason"], r["detail"], r["label"], r["task"]
+        return r["final_reason"], r["final_detail"], r["final_label"], r["final_task"]
+
+    reasons = Counter(d[0] for d in map(decision, every) if d[0] is not None)
     if len(kept) < cfg.min_examples:
-        reasons_txt = dict(reasons)
         return {"agent": agent, "version": None, "published": False,
-                "error": f"only {len(kept)} usable examples (< min_examples={cfg.min_examples}); reasons: {reasons_txt}"}
-    splits = filters.split_groups(kept, cfg.eval_fraction, cfg.min_eval_per_label, cfg.seed,
-                                  _pinned_sessions(store, agent))
-    decided = {r["record_id"]: r for r in keys}
-    for r in kept:
-        r["split"] = splits[r["session_id"]]
-    full = cleaned.to_table(filter=pads.field("agent_id") == agent).to_pylist()
-    examples = {"train": [], "eval": []}
-    quarantined = []
-    seen = set()
-    for row in sorted(full, key=lambda r: r["record_id"]):
-        if row["record_id"] in seen:  # a replayed record (same id) counts once
-            continue
-        seen.add(row["record_id"])
-        d = decided[row["record_id"]]
-        if d["reason"] is not None:
-            quarantined.append({"reason": d["reason"], "detail": row["detail"] or d.get("detail"), "stage": "curate",
-                                "source": row["source"], "record_id": row["record_id"], "agent_id": agent,
-                                "raw": json.dumps({"messages": row["messages"][-2:], "target": row["target"]},
-                                                  default=str)[:4096]})
-            continue
-        ex = {k: row[k] for k in EXAMPLE.names if k in row}
-        ex.update(label=d["label"], task=d["task"], split=d["split"])
-        examples[d["split"]].append(ex)
-    n_in = len(seen)
+                "error": f"only {len(kept)} usable examples (< min_examples={cfg.min_examples}); "
+                         f"reasons: {dict(reasons)}"}
+    pinned = ({r["session_id"]: r["split"] for r in prior if r["split"]} if base else
+              _pinned_sessions(store, agent, latest_version(store, agent)))
+    splits = filters.split_groups(kept, cfg.eval_fraction, cfg.min_eval_per_label, cfg.seed, pinned,
+                                  min_label_count=cfg.min_label_count)
+    decided = {r["record_id"]: (*decision(r), splits[r["session_id"]] if r["record_id"] in in_pool
+                                and r["reason"] is None else None) for r in every}
+    decide_s = time.time() - t0
+
+    t0 = time.time()
     prefix = f"{staging}/{agent}"
-    for split, exs in examples.items():
-        write_parquet(store, f"{prefix}/{split}.parquet", pa.Table.from_pylist(exs, schema=EXAMPLE))
-    if quarantined:
-        write_parquet(store, f"{prefix}/quarantine.parquet", pa.Table.from_pylist(quarantined, schema=QUARANTINE))
-    pii = Counter()
-    for r in kept:
+    written = _write_rows(store, prefix, cfg, agent, decided, cleaned, base)
+    key_rows = []
+    for r in every:
+        reason, detail, label, task, split = decided[r["record_id"]]
+        row = {k: r.get(k) for k in KEYS}
+        if r["record_id"] in in_pool:  # the pool entered the decisions unmarked, with these labels
+            row["label"], row["task"], row["timestamp"] = raw[r["record_id"]]
+            row["reason"] = None
+        key_rows.append({**row, "final_reason": reason, "final_detail": detail, "final_label": label,
+                         "final_task": task, "split": split})
+    write_parquet(store, f"{prefix}/keys.parquet", pa.Table.from_pylist(key_rows, schema=KEYS_FILE))
+    write_s = time.time() - t0
+
+    n_in = len(every)
+    kept_rows = [r for r in every if decided[r["record_id"]][4] is not None]
+    pii: Counter = Counter()
+    for r in kept_rows:
         pii.update(json.loads(r["pii"] or "{}"))
-    tasks = Counter(r["task"] for r in kept)
+    by_split: dict[str, list[tuple]] = defaultdict(list)
+    for r in kept_rows:
+        d = decided[r["record_id"]]
+        by_split[d[4]].append((d[2], d[3], r["session_id"]))
+    own = (ingest or {}).get(agent, Counter())
+    decide_reasons = Counter(r["reason"] for r in rows if r["reason"] is not None)
     manifest = {
         "agent": agent, "version": version, "published": True, "created": time.time(), "run": run,
-        "task": tasks.most_common(1)[0][0],
-        "counts": {"in": n_in, "kept": len(kept), "quarantined": len(quarantined),
-                   "train": len(examples["train"]), "eval": len(examples["eval"]), "duplicates": n_dup},
+        "task": (Counter(t for _, t, _ in by_split["train"] + by_split["eval"]).most_common(1) or [("text", 0)])[0][0],
+        "counts": {"in": n_in, "kept": len(kept_rows), "quarantined": written["quarantine"],
+                   "train": written["train"], "eval": written["eval"],
+                   "duplicates": reasons.get(filters.R_DUPLICATE, 0)},
         "reasons": dict(sorted(reasons.items())),
-        "labels": {s: dict(Counter(e["label"] for e in exs).most_common()) for s, exs in examples.items()},
-        "sessions": {s: len({e["session_id"] for e in exs}) for s, exs in examples.items()},
-        "pii": dict(pii), "config": config,
-        "lineage": {"log_records": n_in, "record_ids_digest": digest(sorted(seen)),
-                    "previous": latest_version(store, agent)},
+        "labels": {s: dict(Counter(lb for lb, _, _ in by_split[s]).most_common()) for s in ("train", "eval")},
+        "sessions": {s: len({sess for _, _, sess in by_split[s]}) for s in ("train", "eval")},
+        "pii": dict(sorted(pii.items())), "config": config,
+        "stages": {
+            "ingest": {"quarantined": sum(own.values()), "reasons": dict(sorted(own.items())),
+                       "unattributed": sum((ingest or {}).get("", {}).values())},
+            "previous": {"version": base.version if base else None, "in": len(prior), "kept": len(carried)},
+            "clean": {"in": len(fresh), "out": len(fresh) - sum(clean_reasons.values()),
+                      "reasons": dict(sorted(clean_reasons.items()))},
+            "decide": {"in": len(rows), "out": len(kept), "reasons": dict(sorted(decide_reasons.items())),
+                       "duplicates_new": n_dup},
+        },
+        "lineage": {"log_records": n_in, "record_ids_digest": digest(sorted(r["record_id"] for r in every)),
+                    "previous": latest_version(store, agent), "incremental": base is not None,
+                    "parts": sorted(set(base.parts if base else ()) | set(parts_read)), "parts_read": parts_read,
+                    "watermark": max((r["timestamp"] for r in every if r["timestamp"] is not None), default=None)},
+        "files": ["train.parquet", "eval.parquet", "quarantine.parquet", "keys.parquet", card.CARD, card.PLOT],
     }
-    if manifest["counts"]["in"] != manifest["counts"]["kept"] + manifest["counts"]["quarantined"]:
-        raise AssertionError(f"{agent}: counts do not add up: {manifest['counts']}")
-    store.write_json(f"{prefix}/manifest.json", manifest)
-    store.move(prefix, f"datasets/{agent}/{version}")  # publish: one rename
+    c = manifest["counts"]
+    if not (c["in"] == c["kept"] + c["quarantined"] and c["kept"] == c["train"] + c["eval"]):
+        raise AssertionError(f"{agent}: counts do not add up: {c}")
+    t0 = time.time()
+    card.write_card(store, prefix, manifest)
+    store.write_json(f"{prefix}/manifest.json", manifest)  # last: a folder without it is not a version
+    card_s = time.time() - t0
+    _fault("after_staging_write")
+    t0 = time.time()
+    store.publish(prefix, f"datasets/{agent}/{version}")  # local: one rename; S3: the manifest lands last
+    _fault("after_publish")
     store.write_json(f"datasets/{agent}/LATEST", {"version": version})
+    manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3), "card": round(card_s, 3),
+                             "publish": round(time.time() - t0, 3)}
     return manifest
+
+
+class _Sink:
+    """A Parquet file written in row groups of about `rows` rows (bounded memory, sane row groups)."""
+
+    def __init__(self, stack: contextlib.ExitStack, store: Store, rel: str, schema: pa.Schema, rows: int):
+        f = stack.enter_context(store.open(rel, "wb"))
+        self.writer = stack.enter_context(pq.ParquetWriter(f, schema, compression="zstd"))
+        self.schema, self.rows, self.pending, self.n, self.total = schema, rows, [], 0, 0
+        stack.callback(self.flush)  # runs before the writer closes (LIFO)
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.n += table.num_rows
+            self.total += table.num_rows
+            if self.n >= self.rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending))
+            self.pending, self.n = [], 0
+
+
+def _iter_file(store: Store, rel: str, rows: int) -> Iterator[pa.RecordBatch]:
+    with store.open(rel, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=rows)
+
+
+def _write_rows(store: Store, prefix: str, cfg: CurateConfig, agent: str, decided: dict[str, tuple],
+                cleaned: pads.Dataset, base: Base | None) -> dict[str, int]:
+    """Stream the previous version's files and the agent's new cleaned rows through the decisions into
+    train/eval/quarantine.parquet. Each record lands exactly once; the driver holds one batch at a time."""
+    done: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        sinks = {name: _Sink(stack, store, f"{prefix}/{name}.parquet", schema, cfg.write_batch_rows)
+                 for name, schema in (("train", EXAMPLE), ("eval", EXAMPLE), ("quarantine", QUARANTINE))}
+        if base:
+            old = f"datasets/{agent}/{base.version}"
+            for batch in _iter_file(store, f"{old}/quarantine.parquet", cfg.write_batch_rows) \
+                    if store.exists(f"{old}/quarantine.parquet") else ():
+                ids = batch.column("record_id").to_pylist()
+                keep = [i for i, rid in enumerate(ids) if decided.get(rid, (None,))[0] is not None and rid not in done]
+                done.update(ids[i] for i in keep)
+                sinks["quarantine"].add(pa.Table.from_batches([batch]).take(keep).cast(QUARANTINE))
+            for split in ("train", "eval"):
+                for batch in _iter_file(store, f"{old}/{split}.parquet", cfg.write_batch_rows):
+                    _route(batch, agent, decided, done, sinks)
+        scanner = cleaned.scanner(columns=[n for n in CLEAN.names if n not in ("agent_id", "minhash")],
+                                  filter=pads.field("agent_id") == agent, batch_size=cfg.write_batch_rows,
+                                  batch_readahead=1, fragment_readahead=1)
+        for batch in scanner.to_batches():
+            _route(batch, agent, decided, done, sinks)
+    if len(done) != len(decided):
+        missing = sorted(set(decided) - done)[:5]
+        raise ValueError(f"{agent}: {len(decided) - len(done)} decided records were not found in the cleaned "
+                           f"logs or the previous version (e.g. {missing}); the previous version may be damaged: "
+                           f"rerun with --incremental false")
+    return {name: s.total for name, s in sinks.items()}
+
+
+def _route(batch: pa.RecordBatch, agent: str, decided: dict[str, tuple], done: set[str],
+           sinks: dict[str, _Sink]) -> None:
+    """One batch (CLEAN or EXAMPLE rows) -> its kept rows into train/eval, its set-aside rows into quarantine."""
+    ids = batch.column("record_id").to_pylist()
+    take: dict[str, list[int]] = {"train": [], "eval": [], "quarantine": []}
+    for i, rid in enumerate(ids):
+        d = decided.get(rid)
+        if d is None or rid in done:  # a replay, or a record this version does not hold
+            continue
+        done.add(rid)
+        take[d[4] or "quarantine"].append(i)
+    table = pa.Table.from_batches([batch])
+    for split in ("train", "eval"):
+        if not take[split]:
+            continue
+        part = table.take(take[split])
+        d = [decided[rid] for rid in part.column("record_id").to_pylist()]
+        sinks[split].add(pa.Table.from_arrays(
+            [part.column("example_id"), part.column("record_id"), pa.array([agent] * part.num_rows, pa.string()),
+             part.column("session_id"), part.column("messages"), part.column("tools_json"), part.column("target"),
+             pa.array([x[2] for x in d], pa.string()), pa.array([x[3] for x in d], pa.string()),
+             pa.array([split] * part.num_rows, pa.string())], schema=EXAMPLE))
+    if take["quarantine"]:
+        rows = table.take(take["quarantine"]).to_pylist()
+        sinks["quarantine"].add(pa.Table.from_pylist([
+            {"reason": decided[r["record_id"]][0], "detail": decided[r["record_id"]][1] or r.get("detail"),
+             "stage": "curate", "source": r.get("source"), "record_id": r["record_id"], "agent_id": agent,
+             "raw": json.dumps({"messages": r["messages"][-2:], "target": r["target"]}, default=str)[:4096]}
+            for r in rows], schema=QUARANTINE))

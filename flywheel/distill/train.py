@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -107,9 +108,10 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["tokens"] += int(inputs["attention_mask"].sum())
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if rank == 0 and (state["step"] % 5 == 0 or state["step"] == total):
-                print(f"[distill {cfg.agent}] step {state['step']}/{total} loss {float(loss):.3f}", flush=True)
+                # stderr, not print(): Ray Train's print patch would show each line twice on the driver
+                sys.stderr.write(f"[distill {cfg.agent}] step {state['step']}/{total} loss {losses[-1]:.3f}\n")
             end_of_epoch = state["step"] % per_epoch == 0
             if state["step"] == total or end_of_epoch or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
                 elapsed = time.time() - started

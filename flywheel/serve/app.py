@@ -100,7 +100,7 @@ def log_record(record_id: str, agent: str, tenant: str, req: ChatCompletionReque
     return {"record_id": record_id, "agent_id": agent, "tenant": tenant, "timestamp": time.time(),
             "session_id": session, "messages": rows, "tools_json": canonical_json(tools), "response": answer,
             "model": model, "latency_ms": latency_ms, "prompt_tokens": tokens[0], "completion_tokens": tokens[1],
-            "feedback": None, "source": "serve"}
+            "feedback": None, "source": "serve", "extra_json": None}
 
 
 # -- the student: one engine, multiplexed adapters, batches that mix agents -----------------------------------
