@@ -165,7 +165,17 @@ def child(mode: str, home: str) -> dict:
         import ray
 
         t0 = time.time()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+        for attempt in (1, 2):  # a busy machine can time the node start out once
+            try:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+                         log_to_driver=False)
+                break
+            except Exception as e:
+                if attempt == 2:
+                    raise
+                print(f"ray.init failed ({e}); retrying", file=sys.stderr)
+                ray.shutdown()
+                time.sleep(10)
         out["ray_init_s"] = round(time.time() - t0, 2)
     out["load_before"] = round(os.getloadavg()[0], 1)
     with Sampler() as mem:
@@ -198,7 +208,7 @@ def child(mode: str, home: str) -> dict:
 
 
 # -- the parent: generate, ingest, run both modes per scale, print ---------------------------------------------
-def run_scale(n: int, workdir: str) -> dict:
+def run_scale(n: int, workdir: str, save) -> dict:
     from flywheel.capture.store import ingest_file
     from flywheel.storage import Store
 
@@ -224,6 +234,9 @@ def run_scale(n: int, workdir: str) -> dict:
         if proc.returncode or not lines:
             raise RuntimeError(f"the {mode} run at n={n} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         result[mode] = json.loads(lines[-1])
+        done = result[mode]
+        print(f"   [{mode} n={n:,}: {done['records_per_s']:,.0f} records/s, wall {done['wall_s']:.1f} s]", flush=True)
+        save(result)  # a later failure keeps what finished
         shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)
     ray_rate, local_rate = result["ray"]["records_per_s"], result["local"]["records_per_s"]
@@ -271,10 +284,19 @@ def main() -> None:
     scales = [int(s) for s in args.scale.split(",") if s]
     workdir = args.workdir or tempfile.mkdtemp(prefix="flywheel-bench-")
     os.makedirs(workdir, exist_ok=True)
-    results = []
+    out = os.path.join(REPO, "bench", "out")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"curate-n{args.n}-x{'-'.join(map(str, scales))}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    results: list[dict] = []
+
+    def save(partial: dict | None = None) -> None:
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "results": results + ([partial] if partial else [])}, f, indent=2)
+
     try:
         for s in scales:
-            results.append(run_scale(args.n * s, workdir))
+            results.append(run_scale(args.n * s, workdir, save))
+            save()
             report(results[-1])
     finally:
         if not args.workdir:
@@ -285,11 +307,6 @@ def main() -> None:
               f"{b['local']['driver_peak_rss_mb']} MB, ray {a['ray']['driver_peak_rss_mb']} -> "
               f"{b['ray']['driver_peak_rss_mb']} MB; largest Ray worker (USS) {a['ray']['worker_peak_uss_mb']} -> "
               f"{b['ray']['worker_peak_uss_mb']} MB")
-    out = os.path.join(REPO, "bench", "out")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"curate-n{args.n}-x{'-'.join(map(str, scales))}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
     print(f"\nsummary: {os.path.relpath(path, REPO)}")
 
 

@@ -65,15 +65,56 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             "answer_width": max(x["answer_len"] for x in batch)}
 
 
-def answer_loss(model: Any, batch: dict) -> tuple[Any, int]:
-    """Mean cross-entropy over answer tokens only. Returns (loss, number of answer tokens)."""
-    import torch.nn.functional as F
-
+def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
+    """Float logits at the answer positions and the answer tokens they predict: ([N, vocab], [N])."""
     k = batch["answer_width"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=k + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # positions T-k-1 .. T-2 predict tokens T-k .. T-1
-    targets = batch["input_ids"][:, -k:]
     keep = batch["answer_mask"][:, -k:]
-    loss = F.cross_entropy(logits[keep], targets[keep])
-    return loss, int(keep.sum())
+    return logits[keep], batch["input_ids"][:, -k:][keep]
+
+
+def kd_loss(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """Token-level distillation: T^2 * mean over answer tokens of KL(teacher_T || student_T) (Hinton et al.).
+
+    The T^2 factor keeps the gradient scale independent of the temperature. Both inputs are [N, vocab] over the
+    same tokenizer's vocabulary (checked before training, see `check_same_tokenizer`).
+    """
+    import torch.nn.functional as F
+
+    t = temperature
+    log_student = F.log_softmax(student_logits / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    return kl.mean() * t * t
+
+
+def answer_loss(model: Any, batch: dict, teacher: Any = None, kd_weight: float = 0.0,
+                temperature: float = 1.0) -> tuple[Any, int]:
+    """Cross-entropy over answer tokens only, plus `kd_weight` x the KL to a local teacher's logits when one is given:
+    (1 - w) * CE + w * KD. Returns (loss, number of answer tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits, targets = answer_logits(model, batch)
+    loss = F.cross_entropy(logits, targets)
+    if teacher is not None and kd_weight > 0:
+        with torch.no_grad():
+            teacher_logits, _ = answer_logits(teacher, batch)
+        vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # embeddings padded past the tokenizer differ
+        loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits[:, :vocab], teacher_logits[:, :vocab], temperature)
+    return loss, int(targets.numel())
+
+
+def check_same_tokenizer(student: Any, teacher: Any) -> None:
+    """Logit distillation compares distributions over token ids: both models must share one vocabulary."""
+    from flywheel.config import ConfigError
+
+    s, t = student.get_vocab(), teacher.get_vocab()
+    if s != t or student.eos_token != teacher.eos_token:
+        only = sorted(set(s) ^ set(t))[:5]
+        raise ConfigError(
+            f"teacher_model: its tokenizer differs from the student's ({len(t):,} vs {len(s):,} tokens, "
+            f"e.g. {only or 'same tokens with different ids'}); token-level distillation needs a shared "
+            "tokenizer. Use a teacher of the same family or set kd_weight to 0 (sequence-level distillation only).")
