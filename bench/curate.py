@@ -188,7 +188,7 @@ def child(mode: str, home: str) -> dict:
     stages: dict[str, float] = {}
     for m in manifests.values():
         for k, v in m.get("timings_s", {}).items():
-            if k in ("plan", "clean"):
+            if k in ("plan", "clean", "agents"):
                 stages[k] = v  # run-level: the same in every agent's entry
             else:
                 stages[k] = stages.get(k, 0.0) + v
@@ -259,7 +259,7 @@ def report(r: dict) -> None:
           f"{str(ray_['cpu_driver_s']) + ' / ' + str(ray_['cpu_workers_s']):>20}")
     print(f"   {'load average before/after':28}{str(loc['load_before']) + ' / ' + str(loc['load_after']):>20}"
           f"{str(ray_['load_before']) + ' / ' + str(ray_['load_after']):>20}")
-    for stage in ("plan", "clean", "decide", "write", "card", "publish"):
+    for stage in ("plan", "clean", "agents", "decide", "write", "card", "publish"):
         print(f"   {'  stage ' + stage + ' s':28}{loc['stages_s'].get(stage, 0):>20.1f}"
               f"{ray_['stages_s'].get(stage, 0):>20.1f}")
     print(f"   {'driver peak RSS MB':28}{loc['driver_peak_rss_mb']:>20}{ray_['driver_peak_rss_mb']:>20}")

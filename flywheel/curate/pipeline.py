@@ -9,19 +9,19 @@
 2. Clean (Ray Data, streaming, bounded memory). One task per log part streams it batch by batch through
    `filters.clean_batch` (validate, quality, PII, label, dedup key, MinHash) into
    `datasets/_staging/<run>/cleaned/`, partitioned by agent.
-3. Decide (driver, key columns only). Per agent: the previous version's keys (`keys.parquet`) + the new records'
+3. Decide (one Ray task per agent, in parallel; key columns only). Per agent: the previous version's keys (`keys.parquet`) + the new records'
    keys -> exact and near duplicates (the previous version's examples sort first, so they win), classifier or
    free text, the session-grouped stratified split with sessions pinned to the split an earlier version gave them.
 4. Write (streaming). The previous version's files and the agent's new cleaned rows stream batch by batch through
    the decisions into `train/eval/quarantine.parquet`, then `keys.parquet`, the card (`card.md`,
-   `class_balance.png`) and `manifest.json`, all in the staging folder. The driver holds one batch and the keys.
-5. Publish. One rename to `datasets/<agent>/<version>/` (object stores: every object copied, the manifest last),
+   `class_balance.png`) and `manifest.json`, all in the staging folder. A task holds one batch and one agent's keys.
+5. Publish (driver). One rename to `datasets/<agent>/<version>/` (object stores: every object copied, the manifest last),
    then the `LATEST` pointer. A crash before that publishes nothing. `FLYWHEEL_FAULT=after_staging_write` (or
    `after_publish`) makes the process exit at that point: the crash tests use it.
 
 A version is named from its input (record ids + config), so curating the same logs twice gives the same version.
 Counts add up: records in == kept (train + eval) + quarantined, per agent, in `manifest.json`. `executor="local"`
-runs the clean stage in this process without Ray (small data, and the benchmark's single-process baseline).
+runs the clean stage and the agents in this process without Ray (small data, and the benchmark's single-process baseline).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False
     staging = f"{STAGING}/{run}"
     manifests: dict[str, dict] = {}
     try:
-        cleaned, fresh_agents = None, set()
+        fresh_agents: set[str] = set()
         if to_read:
             t0 = time.time()
             if executor == "ray":
@@ -215,16 +215,19 @@ def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False
             _clean(executor, store, to_read, f"{staging}/cleaned", cfg, tuple(cfg.agents))
             timings["clean"] = time.time() - t0
             if store.exists(f"{staging}/cleaned"):
-                pafs, base = store.pyarrow_fs()
-                cleaned = pads.dataset(f"{base}/{staging}/cleaned", filesystem=pafs, format="parquet",
-                                       partitioning="hive", schema=CLEAN)
                 fresh_agents = set(scope) & {a for n in to_read for a in index[n]}
         ingest = _ingest_reasons(store) if fresh_agents else {}
+        t0 = time.time()
+        prepared = _prepare_all(executor, store, cfg, {
+            a: (staging, run, bases[a], sorted(n for n in to_read if a in index[n]), ingest)
+            for a in scope if a in fresh_agents})
+        if prepared:
+            timings["agents"] = time.time() - t0
         for agent in scope:
             b = bases[agent]
-            if agent in fresh_agents:
-                parts_read = sorted(n for n in to_read if agent in index[n])
-                m = _publish_agent(store, cfg, agent, cleaned, staging, run, b, parts_read, ingest)
+            if agent in prepared:
+                m, prefix = prepared[agent]
+                m = _publish(store, m, prefix) if prefix else m
             elif b is not None:
                 m = dict(b.manifest)  # nothing new for this agent: its latest version stands
             else:
@@ -242,9 +245,15 @@ def _read_keys(store: Store, rel: str) -> list[dict]:
         return pq.read_table(f, schema=KEYS_FILE).to_pylist()
 
 
-def _publish_agent(store: Store, cfg: CurateConfig, agent: str, cleaned: pads.Dataset, staging: str, run: str,
-                   base: Base | None, parts_read: list[str], ingest: dict[str, Counter] | None = None) -> dict:
+def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, run: str, base: Base | None,
+                   parts_read: list[str], ingest: dict[str, Counter] | None = None) -> tuple[dict, str | None]:
+    """Decide, write and card one agent's new version under `staging/<agent>`. Returns (manifest, folder to
+    publish), or (manifest, None) when there is nothing to publish (too few examples, or the version exists).
+    Reads only the staging folder and the agent's previous version, so agents run in parallel."""
     t0 = time.time()
+    pafs, root = store.pyarrow_fs()
+    cleaned = pads.dataset(f"{root}/{staging}/cleaned", filesystem=pafs, format="parquet", partitioning="hive",
+                           schema=CLEAN)
     prior = _read_keys(store, f"datasets/{agent}/{base.version}/keys.parquet") if base else []
     prior_ids = {r["record_id"] for r in prior}
     seen = set(prior_ids)
@@ -278,7 +287,7 @@ def _publish_agent(store: Store, cfg: CurateConfig, agent: str, cleaned: pads.Da
     if store.exists(f"datasets/{agent}/{version}/manifest.json"):  # same input, same output: retry-safe
         if latest_version(store, agent) != version:  # a crash between publish and LATEST: finish the job
             store.write_json(f"datasets/{agent}/LATEST", {"version": version})
-        return store.read_json(f"datasets/{agent}/{version}/manifest.json")
+        return store.read_json(f"datasets/{agent}/{version}/manifest.json"), None
     in_pool = {r["record_id"] for r in rows}
 
     def decision(r: dict) -> tuple:  # (reason, detail, label, task)
@@ -290,7 +299,7 @@ def _publish_agent(store: Store, cfg: CurateConfig, agent: str, cleaned: pads.Da
     if len(kept) < cfg.min_examples:
         return {"agent": agent, "version": None, "published": False,
                 "error": f"only {len(kept)} usable examples (< min_examples={cfg.min_examples}); "
-                         f"reasons: {dict(reasons)}"}
+                         f"reasons: {dict(reasons)}"}, None
     pinned = ({r["session_id"]: r["split"] for r in prior if r["split"]} if base else
               _pinned_sessions(store, agent, latest_version(store, agent)))
     splits = filters.split_groups(kept, cfg.eval_fraction, cfg.min_eval_per_label, cfg.seed, pinned,
@@ -356,15 +365,33 @@ def _publish_agent(store: Store, cfg: CurateConfig, agent: str, cleaned: pads.Da
     t0 = time.time()
     card.write_card(store, prefix, manifest)
     store.write_json(f"{prefix}/manifest.json", manifest)  # last: a folder without it is not a version
-    card_s = time.time() - t0
+    manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3),
+                             "card": round(time.time() - t0, 3)}
+    return manifest, prefix
+
+
+def _publish(store: Store, manifest: dict, prefix: str) -> dict:
+    """Make a prepared version visible: one rename (on S3 the manifest lands last), then LATEST."""
     _fault("after_staging_write")
     t0 = time.time()
-    store.publish(prefix, f"datasets/{agent}/{version}")  # local: one rename; S3: the manifest lands last
+    agent, version = manifest["agent"], manifest["version"]
+    store.publish(prefix, f"datasets/{agent}/{version}")
     _fault("after_publish")
     store.write_json(f"datasets/{agent}/LATEST", {"version": version})
-    manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3), "card": round(card_s, 3),
-                             "publish": round(time.time() - t0, 3)}
+    manifest["timings_s"]["publish"] = round(time.time() - t0, 3)
     return manifest
+
+
+def _prepare_all(executor: str, store: Store, cfg: CurateConfig, jobs: dict[str, tuple]) -> dict[str, tuple]:
+    """`_prepare_agent` for every agent with new logs: one Ray task per agent (they are independent), or in turn
+    in this process. The driver then holds no agent's keys, so its memory does not grow with the logs."""
+    if executor != "ray" or len(jobs) < 2:
+        return {a: _prepare_agent(store, cfg, a, *args) for a, args in jobs.items()}
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1)(_prepare_agent)
+    refs = {a: task.remote(store, cfg, a, *args) for a, args in jobs.items()}
+    return dict(zip(refs, ray.get(list(refs.values()))))
 
 
 class _Sink:
