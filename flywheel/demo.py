@@ -28,6 +28,10 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -138,7 +142,7 @@ def demo(cfg: DemoConfig) -> dict:
                        store, engine=engine, progress=True)
         timings[f"evaluate {agent}"] = time.time() - t
         reports[agent] = rep
-        for system in ("teacher", "base", "candidate"):
+        for system in [s for s in ("teacher", "base", "base_in_context", "candidate") if s in rep]:
             r = rep[system]
             rows.append([agent, system if system != "candidate" else f"distilled {rep['candidate_version']}",
                          f"{r['function_name_accuracy']:.2f}", f"{r['name_args_accuracy']:.2f}",
@@ -148,7 +152,8 @@ def demo(cfg: DemoConfig) -> dict:
     for agent, rep in reports.items():
         gate = rep["gate"]
         print(f"{agent}: gate {'PASSED' if gate['passed'] else 'FAILED'} "
-              f"({gate['metric']} {gate['candidate']:.2f} vs threshold {gate['threshold']:.2f}); "
+              f"({gate['metric']} lower bound {_num(gate.get('candidate_lower'))} vs threshold "
+              f"{_num(gate.get('threshold'))}); "
               f"promoted={rep['promoted']}; report {rep['report']}")
 
     say(f"5/7 serve on Ray Serve at http://127.0.0.1:{cfg.port}/v1 and call it with the official openai client")

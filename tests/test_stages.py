@@ -105,3 +105,20 @@ def test_evaluate_scores_gates_and_refuses_to_promote_a_bad_student(curated, sto
     assert Registry(store).alias("sgd_Flights") is None
     assert store.exists("reports/sgd_Flights/v1/eval.md")
     assert Registry(store).get("sgd_Flights", "v1")["scores"]["gate"] is False
+    # side by side, each metric with its bootstrap interval; latency and measured cost
+    assert rep["systems"] == ["teacher", "base", "base_in_context", "candidate"] and rep["in_context"]["k"] == 3
+    for name in rep["systems"]:
+        for m in rep["metrics"]:
+            lo, hi = rep[name][f"{m}_ci"]
+            assert lo <= rep[name][m] <= hi and rep[name]["n"] == rep["n_expected"]
+    assert rep["teacher"]["function_name_accuracy_ci"] == [1.0, 1.0]
+    for name in ("base", "base_in_context", "candidate"):
+        r = rep[name]
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] and r["cpu_s_per_request"] > 0 and r["cost_per_1k_usd"] > 0
+    cost = rep["cost"]
+    assert cost["teacher_token_counts"] == {"logged": 0, "estimated": rep["n_expected"]}  # SGD logs carry no usage
+    assert cost["teacher_per_1k_usd"] > 0 and cost["teacher_over_student"] == pytest.approx(
+        cost["teacher_per_1k_usd"] / cost["student_per_1k_usd"])
+    md = open(rep["report"]).read()
+    assert "| base_in_context |" in md and "function_name_accuracy" in md and "[0.00, 0.00]" in md
+    assert "lower bound" in md or "FAILED" in md

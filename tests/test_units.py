@@ -146,8 +146,14 @@ def test_wilson_lower_bound():
     assert wilson_lower(float("nan"), 10) == 0.0
 
 
-GOOD = {"task": "tool_call", "n_expected": 20, "candidate": {"function_name_accuracy": 0.95, "n": 20},
-        "teacher": {"function_name_accuracy": 1.0, "n": 20}}
+# A candidate whose 95% lower bound (bootstrap, and Wilson for a 0/1 metric: 0.936 at 194/200) clears 0.9 x teacher.
+GOOD = {"task": "tool_call", "n_expected": 200,
+        "candidate": {"function_name_accuracy": 0.97, "function_name_accuracy_ci": [0.945, 0.99], "n": 200},
+        "teacher": {"function_name_accuracy": 1.0, "function_name_accuracy_ci": [1.0, 1.0], "n": 200}}
+
+
+def cand(fn=0.97, ci=(0.945, 0.99), n=200):
+    return {"function_name_accuracy": fn, "function_name_accuracy_ci": list(ci) if ci else ci, "n": n}
 
 
 def test_gate_passes_a_good_candidate():
@@ -156,15 +162,15 @@ def test_gate_passes_a_good_candidate():
 
 @pytest.mark.parametrize("broken", [
     None, {}, {**GOOD, "task": "poetry"},
-    {**GOOD, "candidate": {"function_name_accuracy": math.nan, "n": 20}},
-    {**GOOD, "candidate": {"n": 20}},
+    {**GOOD, "candidate": cand(fn=math.nan)},
+    {**GOOD, "candidate": {"function_name_accuracy_ci": [0.945, 0.99], "n": 200}},
     {**GOOD, "teacher": None},
-    {**GOOD, "candidate": {"function_name_accuracy": 0.95, "n": 5}},
-    {**GOOD, "n_expected": 30},
-    {**GOOD, "candidate": {"function_name_accuracy": 0.5, "n": 20}},
-    {**GOOD, "production": {"function_name_accuracy": 0.99}},
-    {**GOOD, "production": {"accuracy": 0.99}},
-    {**GOOD, "candidate": {"function_name_accuracy": "0.95", "n": 20}},
+    {**GOOD, "candidate": cand(n=5)},
+    {**GOOD, "n_expected": 300},
+    {**GOOD, "candidate": cand(fn=0.5, ci=(0.43, 0.57))},
+    {**GOOD, "production": {"function_name_accuracy": 0.99, "n": 200}},  # no interval: cannot rule out a regression
+    {**GOOD, "production": {"accuracy": 0.99, "n": 200}},
+    {**GOOD, "candidate": cand(fn="0.95")},
 ])
 def test_gate_fails_closed(broken):
     verdict = decide(broken, 0.9, 10)

