@@ -134,6 +134,7 @@ class DistillConfig:
     kd_temperature: float = 2.0
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     inject_failure_at_step: int = 0  # fault drill: the last worker exits once when it reaches this step
+    tracking_uri: str = ""  # MLflow; empty: $MLFLOW_TRACKING_URI, else file://<home>/mlruns; "off": no tracking
 
     def __post_init__(self):
         if not self.agent:
@@ -268,6 +269,7 @@ class EvaluateConfig:
     judge_model: str = ""  # empty: the agent id (as Serve names the teacher's model)
     judge_api_key_env: str = "FLYWHEEL_TEACHER_API_KEY"
     judge_timeout_s: float = 60.0
+    tracking_uri: str = ""  # MLflow; empty: $MLFLOW_TRACKING_URI, else file://<home>/mlruns; "off": no tracking
 
     def __post_init__(self):
         if not self.agent:

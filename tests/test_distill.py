@@ -86,6 +86,19 @@ def test_a_worker_killed_once_resumes_from_the_last_checkpoint(curated, store, t
     # the last worker exited at step 3; the group restarted from the step-2 checkpoint and finished
     assert store.exists("checkpoints/drill/injected-failure-3.json")
     assert out["resumed_at"] == 2 and out["steps"] == 5 and out["version"] == "v1"
+    # the run is tracked in MLflow (the local store under the home): hyperparameters, metrics, the adapter
+    from mlflow.tracking import MlflowClient
+
+    from flywheel.tracking import experiment_name, tracking_uri
+
+    client = MlflowClient(tracking_uri(store))
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name("sgd_Flights")).experiment_id],
+                              filter_string="tags.`flywheel.run_name` = 'drill'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["inject_failure_at_step"] == "3" and run.data.metrics["resumed_at"] == 2
+    assert "adapter_model.safetensors" in {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id,
+                                                                                                   "adapter")}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

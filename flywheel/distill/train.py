@@ -285,6 +285,7 @@ def distill(cfg: DistillConfig, store: Store | None = None) -> dict:
     """Train one agent's adapter on Ray Train and register it as a new version. Returns a summary."""
     import ray
 
+    from flywheel import tracking
     from flywheel.curate.pipeline import resolve_version
     from flywheel.models import resolve_model_path
     from flywheel.registry.registry import Registry
@@ -311,11 +312,15 @@ def distill(cfg: DistillConfig, store: Store | None = None) -> dict:
     registry = Registry(store)
     with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
         adapter = shutil.copytree(os.path.join(d, "adapter"), os.path.join(tmp, "adapter"))
-        hyper = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("home", "agent", "base_model")}
+        hyper = {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k not in ("home", "agent", "base_model", "tracking_uri")}
         metrics = dict(result.metrics or {})
         entry = registry.register(cfg.agent, adapter, {
             "dataset_version": version, "base_model": cfg.base_model, "run_name": run_name,
             "hyperparameters": hyper, "train_metrics": metrics, "train_time_s": round(train_s, 1)})
+        tracking.log_training_run(cfg.agent, run_name, hyper, {**metrics, "train_time_s": train_s},
+                                  adapter_dir=adapter, tags={"flywheel.version": entry["version"], "flywheel.dataset_version": version},
+                                  store=store, uri=cfg.tracking_uri)
     return {"agent": cfg.agent, "version": entry["version"], "dataset_version": version, "run_name": run_name,
             "steps": metrics.get("step"), "loss": metrics.get("loss"), "resumed_at": metrics.get("resumed_at"),
             "tokens_per_s": metrics.get("tokens_per_s_per_worker", 0.0) * cfg.num_workers,

@@ -140,6 +140,7 @@ def _prompts(cfg: EvaluateConfig, examples: list[dict], train: list[dict], engin
 
 
 def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
+    from flywheel import tracking
     from flywheel.curate.pipeline import read_split, resolve_version
     from flywheel.evaluate.gate import decide
     from flywheel.evaluate.metrics import METRICS, PRIMARY
@@ -218,7 +219,9 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
                            dict(rows["candidate"]) | {"gate": report["gate"]["passed"]})
     prefix = f"reports/{cfg.agent}/{candidate['version']}"
     store.write_json(f"{prefix}/eval.json", report)
-    store.write_bytes(f"{prefix}/eval.md", markdown(report).encode())
+    text = markdown(report)
+    store.write_bytes(f"{prefix}/eval.md", text.encode())
+    tracking.log_evaluation(report, text, store, cfg.tracking_uri)
     report["report"] = store.path(f"{prefix}/eval.md")
     return report
 
