@@ -156,7 +156,15 @@ def _clean(executor: str, store: Store, parts: list[str], out_rel: str, cfg: Cur
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
         ds = ds.map_batches(clean_part, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"filesystem": pafs, "cfg": cfg, "agents": agents})
-        ds.write_parquet(f"{base}/{out_rel}", filesystem=pafs, partition_cols=["agent_id"])
+        # One fused operator (clean -> write), nothing downstream to reserve resources for. With Ray Data's
+        # per-operator reservation on, it ran ONE task until the first finished (measured: 4 parts of 10k records
+        # 17.7 s -> 12.4 s on 2 CPUs without it). Set for this execution only, then restored.
+        ctx = ray.data.DataContext.get_current()
+        reserved, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
+        try:
+            ds.write_parquet(f"{base}/{out_rel}", filesystem=pafs, partition_cols=["agent_id"])
+        finally:
+            ctx.op_resource_reservation_enabled = reserved
         return
     if executor != "local":
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
