@@ -3,6 +3,7 @@
     flywheel ingest flywheel/data/sgd/sgd_dev_flywheel_logs.jsonl
     flywheel curate --agents sgd_Flights
     flywheel distill --agent sgd_Flights --epochs 1
+    flywheel sweep --agent sgd_Flights --num-samples 8
     flywheel evaluate --agent sgd_Flights --promote
     flywheel promote --agent sgd_Flights --version v1      flywheel rollback --agent sgd_Flights
     flywheel serve --port 8000                              flywheel monitor --agent sgd_Flights
@@ -57,6 +58,13 @@ def run_distill(cfg: C.DistillConfig) -> dict:
 
     _ray_init()
     return distill(cfg)
+
+
+def run_sweep(cfg: C.SweepConfig) -> dict:
+    from flywheel.distill.sweep import sweep
+
+    _ray_init()
+    return sweep(cfg)
 
 
 def run_evaluate(cfg: C.EvaluateConfig) -> dict:
@@ -147,6 +155,7 @@ VERBS: dict[str, tuple[type, Callable[[Any], dict]]] = {
     "ingest": (C.IngestConfig, run_ingest),
     "curate": (C.CurateConfig, run_curate),
     "distill": (C.DistillConfig, run_distill),
+    "sweep": (C.SweepConfig, run_sweep),
     "evaluate": (C.EvaluateConfig, run_evaluate),
     "promote": (PromoteConfig, run_promote),
     "rollback": (RollbackConfig, run_rollback),

@@ -179,7 +179,7 @@ class SweepConfig:
     num_samples: int = 8
     seed: int = 0  # the random search's draws and each trial's training seed
     # the objective and early stopping
-    metric: str = ""  # a metric of the agent's task (default: its primary one, e.g. function_name_accuracy) or eval_loss
+    metric: str = ""  # a metric of the agent's task (default: its primary one, function_name_accuracy...) or eval_loss
     scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end)
     grace_period: int = 1  # evaluations every trial gets before ASHA may stop it
     reduction_factor: int = 2  # at each ASHA rung only the best 1/reduction_factor go on
@@ -198,7 +198,7 @@ class SweepConfig:
     eval_batch_size: int = 8
     # placement, registration, tracking
     trial_cpus: float = 1.0  # reserved per trial for its Train controller and evaluations (workers reserve their own)
-    max_concurrent_trials: int = 0  # 0: as many as the cluster fits
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs fit (trial_cpus + the trial's workers each)
     register: bool = True  # register the best trial's adapter as a new (not promoted) version
     tracking_uri: str = ""  # MLflow; empty: $MLFLOW_TRACKING_URI, else file://<home>/mlruns; "off": no tracking
 

@@ -7,6 +7,8 @@ Layout under the home (every stage reads and writes only through `Store`):
     quarantine/         rejected input with reason codes (schema.QUARANTINE)
     datasets/<agent>/<version>/   curated, immutable datasets + manifest.json
     checkpoints/        Ray Train run storage
+    sweeps/<name>/      Ray Tune experiment, one Train run per trial, sweep.json (flywheel.distill.sweep)
+    mlruns/             MLflow's local file store (flywheel.tracking; when no tracking URI is set)
     adapters/<agent>/<version>/   PEFT adapters
     registry/<agent>.json         versions and aliases
     monitor/            drift reports (HTML) and events

@@ -1,6 +1,7 @@
 """Experiment tracking in MLflow: training runs, sweeps (one parent run, one child run per trial), evaluations.
 
-    mlflow ui --backend-store-uri file://$FLYWHEEL_HOME/mlruns      # needs the full `mlflow` package (the UI)
+    pip install 'mlflow>=3.5,<4'     # the UI: mlflow-skinny (our dependency) has none
+    MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://$FLYWHEEL_HOME/mlruns
 
 Where runs go, first match wins: the job's `tracking_uri` (`off` turns tracking off), `$MLFLOW_TRACKING_URI`, then
 a local file store at `<home>/mlruns`. MLflow 3 keeps the file store in maintenance mode and refuses it unless
@@ -105,7 +106,7 @@ def log_run(agent: str, run_name: str, *, params: Mapping[str, Any] | None = Non
         resolved = tracking_uri(store, uri)
         if resolved is None:
             return None
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         client = _client(resolved)
         if run_id is None:
@@ -151,9 +152,7 @@ def log_sweep_trial(agent: str, sweep: str, trial_id: str, params: Mapping[str, 
                     tags: Mapping[str, Any] | None = None, store: Store | None = None, uri: str = "") -> str | None:
     """One Tune trial as a child run of its sweep: the trial's hyperparameters and every evaluation it reported
     (step = the evaluation's number)."""
-    history = list(history)
     return log_run(agent, f"{sweep} {trial_id}", params=params, history=history,
-                   metrics=history[-1][1] if history else None,
                    tags={"flywheel.stage": "sweep_trial", "flywheel.sweep": sweep, "flywheel.trial_id": trial_id,
                          **(tags or {})}, parent_run_id=parent_run_id, store=store, uri=uri)
 
@@ -185,7 +184,8 @@ def log_evaluation(report: Mapping[str, Any], markdown: str | None = None, store
     try:
         return log_run(report.get("agent", "unknown"), f"evaluate {report.get('candidate_version')}", params=params,
                        metrics=metrics, artifacts={"report": tmp}, store=store, uri=uri,
-                       tags={"flywheel.stage": "evaluate", "flywheel.gate": "passed" if gate.get("passed") else "failed"})
+                       tags={"flywheel.stage": "evaluate",
+                             "flywheel.gate": "passed" if gate.get("passed") else "failed"})
     finally:
         import shutil
 
