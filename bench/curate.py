@@ -225,7 +225,7 @@ def run_scale(n: int, workdir: str, save) -> dict:
     result = {"n": n, "generated_s": round(gen_s, 1), "injected": injected,
               "ingest": {"s": round(ingest_s, 1), "records_per_s": round(n / ingest_s), "accepted": ing["accepted"],
                          "quarantined": ing["quarantined"], "reasons": ing["reasons"]}}
-    for mode in ("local", "ray"):
+    for mode in ("ray", "local"):  # Ray first: a run cut short still has the figure under test
         home = os.path.join(workdir, f"home-{n}-{mode}")
         shutil.copytree(os.path.join(base, "logs"), os.path.join(home, "logs"))
         env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "TOKENIZERS_PARALLELISM": "false"}
