@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=768)
     ap.add_argument("--eval-examples", type=int, default=0, help="0: the whole held-out split")
     ap.add_argument("--in-context-k", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="the 2026-11-25 table used 96: it cut 4 answers")
     ap.add_argument("--throughput-steps", type=int, default=8, help="0: skip the throughput comparison")
     ap.add_argument("--home", default="", help="a FLYWHEEL_HOME to keep (default: a temporary one)")
     ap.add_argument("--base-model", default="", help="default: the student `make setup` built")
