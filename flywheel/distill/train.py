@@ -146,15 +146,12 @@ def _schedule(optimizer: Any, total: int) -> Any:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - max(0, s - warmup) / max(1, total - warmup)))
 
 
-def _load_teacher(cfg: DistillConfig, tokenizer: Any) -> Any:
+def _load_teacher(cfg: DistillConfig) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from flywheel.distill.data import check_same_tokenizer
+    from transformers import AutoModelForCausalLM
 
     if not cfg.teacher_model or cfg.kd_weight == 0:
-        return None
-    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.teacher_model))
+        return None  # the tokenizers were compared once, on the driver (build_trainer)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher_model, dtype=torch.bfloat16 if cfg.bf16 else None)
     return teacher.eval().requires_grad_(False)
 
@@ -201,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    teacher = _load_teacher(cfg, tokenizer)
+    teacher = _load_teacher(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
@@ -268,6 +265,12 @@ def build_trainer(cfg: DistillConfig, store: Store, version: str, run_name: str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.teacher_model and cfg.kd_weight > 0:  # fail here, before any worker starts
+        from transformers import AutoTokenizer
+
+        from flywheel.distill.data import check_same_tokenizer
+
+        check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.base_model), AutoTokenizer.from_pretrained(cfg.teacher_model))
     pafs, base = store.pyarrow_fs()
     return TorchTrainer(
         train_loop_per_worker,
@@ -295,12 +298,6 @@ def distill(cfg: DistillConfig, store: Store | None = None) -> dict:
     run_name = cfg.run_name or f"{cfg.agent}-{version}"
     cfg = dataclasses.replace(cfg, base_model=resolve_model_path(cfg.base_model),
                               teacher_model=resolve_model_path(cfg.teacher_model) if cfg.teacher_model else "")
-    if cfg.teacher_model and cfg.kd_weight > 0:  # fail here, not in every worker
-        from transformers import AutoTokenizer
-
-        from flywheel.distill.data import check_same_tokenizer
-
-        check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.base_model), AutoTokenizer.from_pretrained(cfg.teacher_model))
     if not ray.is_initialized():
         ray.init(configure_logging=False)
     trainer = build_trainer(cfg, store, version, run_name)
