@@ -3,31 +3,37 @@
 `routing/<agent>.json` = {"mode": "student" | "teacher", "reason": ..., "since": ...}. No file means "student
 when the agent has a production adapter, else teacher". Drift sets "teacher"; a promotion sets "student".
 `queue/retrain/<agent>-<event>.json` holds retrain requests, each naming the event that caused it.
+Every agent, tenant and event id is checked (`flywheel.ids.check_id`) before it names a file: `InvalidId` otherwise.
 """
 
 from __future__ import annotations
 
 import time
 
+from flywheel.ids import check_id
 from flywheel.storage import Store
 
 STUDENT, TEACHER = "student", "teacher"
 
 
+def _rel(agent: str) -> str:
+    return f"routing/{check_id('agent id', agent)}.json"
+
+
 def get_route(store: Store, agent: str) -> dict:
-    return store.read_json(f"routing/{agent}.json", {"mode": STUDENT, "reason": "default", "since": 0.0})
+    return store.read_json(_rel(agent), {"mode": STUDENT, "reason": "default", "since": 0.0})
 
 
 def set_route(store: Store, agent: str, mode: str, reason: str) -> dict:
     if mode not in (STUDENT, TEACHER):
         raise ValueError(f"route mode must be {STUDENT!r} or {TEACHER!r}, got {mode!r}")
     state = {"mode": mode, "reason": reason, "since": time.time()}
-    store.write_json(f"routing/{agent}.json", state)
+    store.write_json(_rel(agent), state)
     return state
 
 
 def queue_retrain(store: Store, agent: str, event_id: str, reason: str) -> str:
-    rel = f"queue/retrain/{agent}-{event_id}.json"
+    rel = f"queue/retrain/{check_id('agent id', agent)}-{check_id('event id', event_id)}.json"
     store.write_json(rel, {"agent": agent, "event": event_id, "reason": reason, "queued": time.time()})
     return rel
 
@@ -38,8 +44,10 @@ def retrain_queue(store: Store) -> list[dict]:
 
 def register_agent(store: Store, agent: str, tenant: str = "default") -> None:
     """Add an agent to the catalog (ingest does this for every agent it sees); Serve 404s on others."""
-    if not store.exists(f"agents/{agent}.json"):
-        store.write_json(f"agents/{agent}.json", {"agent": agent, "tenant": tenant, "created": time.time()})
+    rel = f"agents/{check_id('agent id', agent)}.json"
+    check_id("tenant id", tenant)
+    if not store.exists(rel):
+        store.write_json(rel, {"agent": agent, "tenant": tenant, "created": time.time()})
 
 
 def known_agents(store: Store) -> list[str]:

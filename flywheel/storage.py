@@ -15,6 +15,9 @@ Layout under the home (every stage reads and writes only through `Store`):
     routing/<agent>.json          which backend answers the agent
     queue/retrain/      retrain requests
 
+Every path given to `Store` is relative to the home and may not leave it: absolute parts, `..` segments,
+backslashes and control characters raise `UnsafePath` (ids that name paths are checked earlier, `flywheel.ids`).
+
 Publishing is atomic: write under a staging name, then rename (local) or write the object that makes it
 visible (a manifest; S3 object writes are atomic per object): see `Store.publish`.
 
@@ -29,12 +32,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from typing import Any, Iterator
 
 import fsspec
 
+from flywheel.ids import show
+
 DEFAULT_HOME = ".flywheel"
+_UNSAFE = re.compile(r"(?:^|/)\.\.(?:/|$)|[\x00-\x1f\x7f\\]")  # a `..` segment, a control character, a backslash
+
+
+class UnsafePath(ValueError):
+    """A relative path that could leave the home."""
 
 
 def home_uri(home: str | None = None) -> str:
@@ -72,7 +83,20 @@ class Store:
         return fsspec.filesystem(protocol, **self.storage_options)
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.uri, *[p.strip("/") for p in parts if p]])
+        """The full path of `parts` joined under the home; `UnsafePath` for anything that could leave it."""
+        given = [p for p in parts if p]
+        if not given:
+            return self.uri
+        rel = "/".join(given)
+        if any(p[0] == "/" for p in given) or _UNSAFE.search(rel):
+            raise UnsafePath(f"unsafe path {show(rel, 80)} under {self.uri}: paths in the home are relative, "
+                             "without '..', backslashes or control characters")
+        full = "/".join([self.uri, *[p.strip("/") for p in given]])
+        if self.local:
+            home, resolved = os.path.normpath(self.uri), os.path.normpath(full)
+            if resolved != home and not resolved.startswith(home + os.sep):
+                raise UnsafePath(f"unsafe path {show(rel, 80)}: it resolves outside the home {self.uri}")
+        return full
 
     def pyarrow_fs(self):
         """(pyarrow filesystem, path of the home within it) for pyarrow / Ray Data readers and writers.

@@ -25,6 +25,8 @@ Every rejected line carries a stable reason code (the `R_*` constants) and its s
     bad_tool_arguments, bad_tools    tool-call arguments / tool declarations that are not what they claim
     missing_agent_id  no agent id anywhere (pass --agent-id)
     unknown_agent     an agent id outside the configured allowlist (`IngestConfig.known_agents`)
+    invalid_id        an agent or tenant id that cannot name a path (`flywheel.ids`: `../x`, `a/b`, 5,000
+                      characters, control characters, ...); the detail names the field
 
 Unknown *extra* top-level fields are kept, not rejected: they travel as JSON text in `extra_json`.
 """
@@ -36,6 +38,7 @@ import json
 import math
 from typing import Any, Collection, Iterable
 
+from flywheel.ids import InvalidId, check_id
 from flywheel.schema import message
 
 R_INVALID_UTF8 = "invalid_utf8"
@@ -51,6 +54,7 @@ R_NO_AGENT = "missing_agent_id"
 R_OVERSIZED = "oversized_record"
 R_MISTYPED = "mistyped_field"
 R_UNKNOWN_AGENT = "unknown_agent"
+R_INVALID_ID = "invalid_id"
 
 SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "dialogue_id", "sgd_dialogue_id")
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
@@ -233,6 +237,22 @@ def extra_fields(obj: dict) -> str | None:
     return canonical_json(extra) if extra else None
 
 
+def _first(obj: dict, meta: dict, fields: tuple[str, ...], default: tuple[str, Any]) -> tuple[str, Any]:
+    """(field, value) of the first field that is set (`metadata.x` reads the metadata), else `default`."""
+    for name in fields:
+        value = meta.get(name[9:]) if name.startswith("metadata.") else obj.get(name)
+        if value:
+            return name, value
+    return default
+
+
+def _check_id(field: str, kind: str, value: str) -> str:
+    try:
+        return check_id(kind, value)
+    except InvalidId as e:
+        raise Rejected(R_INVALID_ID, f"{field}: {e}") from None
+
+
 def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "default") -> dict:
     """One decoded JSON object -> a LOG_RECORD row, or `Rejected` with a reason code."""
     if not isinstance(obj, dict):
@@ -266,11 +286,16 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
     if not raw_messages:
         raise Rejected(R_BAD_MESSAGES, "request.messages must be a non-empty list")
     messages = [normalise_message(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
-    agent = obj.get("agent_id") or obj.get("workload_id") or meta.get("agent_id") or default_agent
+    agent_field, agent = _first(obj, meta, ("agent_id", "workload_id", "metadata.agent_id"),
+                                ("--agent-id", default_agent))
     if agent and not isinstance(agent, str):
         raise Rejected(R_MISTYPED, f"the agent id must be text, got {type(agent).__name__} {agent!r:.40}")
     if not agent:
         raise Rejected(R_NO_AGENT, "no agent id (agent_id, workload_id or metadata.agent_id); pass --agent-id")
+    _check_id(agent_field, "agent id", agent)
+    tenant_field, tenant = _first(obj, meta, ("tenant", "client_id", "metadata.tenant"),
+                                  ("--tenant", tenant or "default"))
+    tenant = _check_id(tenant_field, "tenant id", str(tenant))
     tools_json = _tools(tools)
     ts = _typed_number(obj, meta, "timestamp", 0.0, iso=True)
     session = next((str(obj[k]) for k in SESSION_KEYS if obj.get(k) not in (None, "")), None)
@@ -279,8 +304,7 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
     record_id = obj.get("record_id") if isinstance(obj.get("record_id"), str) else None
     record_id = record_id or digest(agent, ts, messages, tools_json, answer)
     return {
-        "record_id": record_id, "agent_id": agent,
-        "tenant": str(obj.get("tenant") or obj.get("client_id") or meta.get("tenant") or tenant),
+        "record_id": record_id, "agent_id": agent, "tenant": tenant,
         "timestamp": ts, "session_id": session, "messages": messages, "tools_json": tools_json,
         "response": answer, "model": model if isinstance(model, str) else None,
         "latency_ms": _typed_number(obj, {}, "latency_ms", None),
@@ -305,6 +329,9 @@ def parse_lines(lines: Iterable[bytes], source: str, default_agent: str = "", te
     `known_agents`, when given, is an allowlist: records of any other agent are quarantined as `unknown_agent`.
     `first_line` numbers the first line (ingest feeds a large file in chunks).
     """
+    for kind, value in (("agent id (--agent-id)", default_agent), ("tenant id (--tenant)", tenant)):
+        if value:
+            check_id(kind, value)  # a bad setting, not a bad line: InvalidId for the caller
     allow = frozenset(known_agents)
     records, quarantined = [], []
     for lineno, raw in enumerate(lines, start=first_line):

@@ -7,6 +7,7 @@
 hyperparameters, scores) and the aliases. Changes are compare-and-swap under a per-agent lock: `promote(...,
 expected=...)` fails with `PromotionConflict` when production moved since the caller looked, so two concurrent
 promotions produce exactly one winner. Adapters live in PEFT format at `adapters/<agent>/<version>/`.
+Agent ids and versions follow `flywheel.ids` (no `..`, `/`, ...); others raise `RegistryError`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import uuid
 from typing import Any, Iterator
 
+from flywheel.ids import InvalidId, check_id
 from flywheel.storage import Store
 
 PRODUCTION = "production"
@@ -31,14 +33,19 @@ class PromotionConflict(RegistryError):
     pass
 
 
+def _checked(kind: str, value: str) -> str:
+    try:
+        return check_id(kind, value)
+    except InvalidId as e:
+        raise RegistryError(str(e)) from None
+
+
 class Registry:
     def __init__(self, store: Store):
         self.store = store
 
     def _rel(self, agent: str) -> str:
-        if not agent or "/" in agent or agent.startswith("."):
-            raise RegistryError(f"invalid agent id {agent!r}")
-        return f"registry/{agent}.json"
+        return f"registry/{_checked('agent id', agent)}.json"
 
     def _load(self, agent: str) -> dict:
         return self.store.read_json(self._rel(agent), {"agent": agent, "versions": [], "aliases": {}, "history": []})
@@ -49,7 +56,7 @@ class Registry:
         if not self.store.local:
             yield  # object stores: last writer wins; run promotions from one controller (see README)
             return
-        path = self.store.path(f"registry/.{agent}.lock")
+        path = self.store.path(f"registry/.{_checked('agent id', agent)}.lock")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -79,6 +86,7 @@ class Registry:
         return self._load(agent)["versions"]
 
     def get(self, agent: str, version: str) -> dict:
+        _checked("version", version)
         if version == "latest":
             versions = self.versions(agent)
             if not versions:
@@ -123,6 +131,8 @@ class Registry:
     def set_alias(self, agent: str, version: str | None, name: str = PRODUCTION,
                   expected: Any = _UNSET, reason: str = "") -> dict:
         """Point `name` at `version` (None removes it). With `expected`, only if it still points there."""
+        if version is not None:
+            _checked("version", version)
         with self._locked(agent):
             state = self._load(agent)
             current = state["aliases"].get(name)
