@@ -23,6 +23,7 @@ import typing
 from typing import Any, Callable
 
 from flywheel import config as C
+from flywheel.serve.auth import KeysConfig, run_keys  # light: no Ray, no FastAPI
 
 
 def _ray_init() -> None:
@@ -82,6 +83,9 @@ class PromoteConfig:
     home: str = ""
     force: bool = False  # promote even if its recorded gate failed
 
+    def __post_init__(self):
+        C.check_ids(self, "agent", "version")
+
 
 @dataclasses.dataclass(frozen=True)
 class RollbackConfig:
@@ -89,6 +93,9 @@ class RollbackConfig:
 
     agent: str = ""
     home: str = ""
+
+    def __post_init__(self):
+        C.check_ids(self, "agent")
 
 
 def run_promote(cfg: PromoteConfig) -> dict:
@@ -162,6 +169,7 @@ VERBS: dict[str, tuple[type, Callable[[Any], dict]]] = {
     "serve": (C.ServeConfig, run_serve),
     "monitor": (C.MonitorConfig, run_monitor),
     "demo": (C.DemoConfig, run_demo),
+    "keys": (KeysConfig, run_keys),
 }
 
 
@@ -176,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             if verb == "ingest" and f.name == "paths":
                 sp.add_argument("paths", nargs="*", help="JSONL files to ingest")
+                continue
+            if verb == "keys" and f.name == "action":
+                sp.add_argument("action", nargs="?", metavar="{create,revoke,list}", help="default: list")
                 continue
             kind = hints[f.name]
             text = "comma-separated list" if typing.get_origin(kind) is tuple else getattr(kind, "__name__", "value")

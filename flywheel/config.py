@@ -2,7 +2,8 @@
 
 One frozen dataclass per job; defaults live here; a YAML file under `jobs/` only overrides. Unknown keys and
 values of the wrong type fail with a `ConfigError` that names the key. Every field is also a CLI flag
-(`--dataset-version v3`), see `flywheel.cli`.
+(`--dataset-version v3`), see `flywheel.cli`. Fields that name agents, tenants, versions and runs become parts of
+paths, so each `__post_init__` checks them with `check_ids` (the rule of `flywheel.ids`; "" means the default).
 """
 
 from __future__ import annotations
@@ -16,9 +17,31 @@ from typing import Any
 
 import yaml
 
+from flywheel.ids import InvalidId, check_id
+
 
 class ConfigError(ValueError):
     """A config that cannot run: the message names the key and what to do."""
+
+
+_ID_KINDS = {"agents": "agent id", "agent": "agent id", "known_agents": "agent id", "presidio_agents": "agent id",
+             "agent_id": "agent id", "tenant": "tenant id", "name": "sweep name"}
+
+
+def check_ids(cfg: Any, *keys: str, allow: tuple[str, ...] = ("",)) -> None:
+    """`ConfigError` naming the key when a field (text, or a tuple of texts) of `cfg` is not a valid id.
+
+    Values in `allow` pass: "" (the default) and, for allowlists, "*".
+    """
+    for key in keys:
+        value = getattr(cfg, key)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item in allow:
+                continue
+            try:
+                check_id(_ID_KINDS.get(key, key.replace("_", " ")), item)
+            except InvalidId as e:
+                raise ConfigError(f"{key}: {e}") from None
 
 
 def default_student_path() -> str:
@@ -38,6 +61,7 @@ class IngestConfig:
     max_line_bytes: int = 1_000_000  # longer lines are quarantined (oversized_record)
 
     def __post_init__(self):
+        check_ids(self, "tenant", "agent_id", "known_agents")
         if not self.paths:
             raise ConfigError("paths: give at least one log file to ingest")
         if self.max_line_bytes < 1:
@@ -75,6 +99,8 @@ class CurateConfig:
     write_batch_rows: int = 2048  # rows per batch streamed from the cleaned data into the version's files
 
     def __post_init__(self):
+        check_ids(self, "agents")
+        check_ids(self, "presidio_agents", allow=("*",))
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
         if self.batch_size < 1 or self.write_batch_rows < 1:
@@ -139,6 +165,7 @@ class DistillConfig:
     def __post_init__(self):
         if not self.agent:
             raise ConfigError("agent: name the agent to distill (e.g. --agent sgd_Flights)")
+        check_ids(self, "agent", "dataset_version", "run_name")
         if self.strategy not in ("ddp", "deepspeed"):
             raise ConfigError(f"strategy: 'ddp' or 'deepspeed', got {self.strategy!r}")
         if self.zero_stage not in (1, 2, 3):
@@ -205,8 +232,7 @@ class SweepConfig:
     def __post_init__(self):
         if not self.agent:
             raise ConfigError("agent: name the agent to sweep (e.g. --agent sgd_Flights)")
-        if "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"name: a plain folder name, got {self.name!r}")
+        check_ids(self, "agent", "dataset_version", "name")
         for key in ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: give at least one value to search over")
@@ -274,6 +300,7 @@ class EvaluateConfig:
     def __post_init__(self):
         if not self.agent:
             raise ConfigError("agent: name the agent to evaluate")
+        check_ids(self, "agent", "dataset_version", "adapter_version")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
             raise ConfigError(f"batch_size, max_new_tokens, max_prompt_tokens: must be >= 1, got {self.batch_size}, "
                               f"{self.max_new_tokens}, {self.max_prompt_tokens}")
@@ -315,6 +342,36 @@ class ServeConfig:
     routing_ttl_s: float = 2.0
     teacher_timeout_s: float = 60.0
     blocking: bool = True  # CLI: keep serving until Ctrl-C
+    # auth: "auto" = API keys required once any key exists (loopback only without keys), "keys" = always, "off"
+    auth: str = "auto"
+    auth_cache_s: float = 5.0  # a revoked key stops working within this
+    # limits
+    max_body_bytes: int = 4_000_000  # larger bodies: 413 before they are read
+    max_tokens_limit: int = 1024  # max_tokens / max_completion_tokens above this: 400
+    max_context_tokens: int = 0  # prompt + max_tokens above this: 400; 0: the student's own context length
+    rate_limit_rps: float = 50.0  # per tenant and ingress replica (a key may set its own); 0: unlimited
+    rate_limit_burst: int = 100
+    max_queued_requests: int = 64  # per caller of each deployment: more waiting -> 503 with Retry-After
+    max_ongoing_requests: int = 256  # per ingress replica
+    request_timeout_s: float = 120.0  # a request still unanswered after this: 504 (streams: an error event)
+    retry_after_s: int = 1  # the Retry-After of a 503 (overload)
+    metrics_per_agent: bool = True  # agent tag on Ray metrics; off for very many agents
+
+    def __post_init__(self):
+        if self.auth not in ("auto", "keys", "off"):
+            raise ConfigError(f"auth: must be auto, keys or off, got {self.auth!r}")
+        for key in ("max_body_bytes", "max_tokens_limit", "max_new_tokens", "max_batch_size", "port",
+                    "max_ongoing_requests"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_new_tokens > self.max_tokens_limit:
+            raise ConfigError(f"max_new_tokens: the default answer budget ({self.max_new_tokens}) is above "
+                              f"max_tokens_limit ({self.max_tokens_limit})")
+        for key in ("rate_limit_rps", "request_timeout_s", "max_context_tokens", "batch_wait_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ConfigError(f"max_queued_requests: must be >= 1 (or -1: no limit), got {self.max_queued_requests}")
 
 
 @dataclass(frozen=True)
@@ -331,6 +388,7 @@ class MonitorConfig:
     def __post_init__(self):
         if not self.agent:
             raise ConfigError("agent: name the agent to monitor")
+        check_ids(self, "agent")
 
 
 @dataclass(frozen=True)
@@ -353,6 +411,9 @@ class DemoConfig:
     min_share_of_teacher: float = 0.6
     port: int = 8000
     fresh: bool = True  # start from an empty home
+
+    def __post_init__(self):
+        check_ids(self, "agents")
 
 
 def _check(cls: type, key: str, value: Any, hint: Any) -> Any:
