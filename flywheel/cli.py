@@ -134,7 +134,8 @@ def run_serve(cfg: C.ServeConfig) -> dict:
 
     _ray_init()
     url = run(cfg)
-    print(f"Flywheel is serving OpenAI-compatible endpoints at {url} (Ctrl-C stops)", file=sys.stderr)
+    print(f"Flywheel is serving OpenAI-compatible endpoints at {url}, auth: {cfg.auth} (Ctrl-C stops)",
+          file=sys.stderr)
     if cfg.blocking:
         try:
             while True:

@@ -356,6 +356,7 @@ class ServeConfig:
     request_timeout_s: float = 120.0  # a request still unanswered after this: 504 (streams: an error event)
     retry_after_s: int = 1  # the Retry-After of a 503 (overload)
     metrics_per_agent: bool = True  # agent tag on Ray metrics; off for very many agents
+    wal_seal_age_s: float = 5.0  # the open WAL segment is sealed (compactable) after this; also on shutdown
 
     def __post_init__(self):
         if self.auth not in ("auto", "keys", "off"):
@@ -367,6 +368,8 @@ class ServeConfig:
         if self.max_new_tokens > self.max_tokens_limit:
             raise ConfigError(f"max_new_tokens: the default answer budget ({self.max_new_tokens}) is above "
                               f"max_tokens_limit ({self.max_tokens_limit})")
+        if self.wal_seal_age_s <= 0:
+            raise ConfigError(f"wal_seal_age_s: must be > 0, got {self.wal_seal_age_s}")
         for key in ("rate_limit_rps", "request_timeout_s", "max_context_tokens", "batch_wait_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")

@@ -108,9 +108,9 @@ def test_parse_request_names_the_field(body, field):
 
 
 def test_parse_request_rows_and_passthrough():
-    req, rows = parse_request({"model": "a", "seed": 7, "messages": [
+    req, rows = parse_request({"model": "a", "seed": 7, "service_tier": "auto", "messages": [
         {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]})
-    assert rows[0]["content"] == "hi there" and req.model_extra == {"seed": 7}
+    assert rows[0]["content"] == "hi there" and req.seed == 7 and req.model_extra == {"service_tier": "auto"}
 
 
 def test_teacher_client_errors_say_what_happened(teacher):
@@ -270,7 +270,7 @@ def test_unknown_agent_is_404(client, served):
         client.chat.completions.create(model="sgd_Nope", messages=ASK)
     assert e.value.code == "model_not_found" and "sgd_Nope" in e.value.message
     r = httpx.post(f"{served.url}/chat/completions", json={"model": "../registry/x", "messages": ASK}, timeout=30)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # never a path
 
 
 def test_malformed_bodies_are_openai_errors(served):
