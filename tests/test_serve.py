@@ -14,16 +14,12 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import pyarrow as pa
 import pytest
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations here
-from fastapi.responses import JSONResponse
 
 from flywheel.capture.ingest import reassemble_stream
 from flywheel.capture.store import LogStore
@@ -34,38 +30,7 @@ from flywheel.schema import LOG_RECORD
 from flywheel.serve.protocol import APIError, completion_from_text, parse_request, stream_events
 from flywheel.serve.teacher import HTTPTeacher, TeacherError
 from flywheel.storage import Store
-
-FLIGHTS_TOOL = {"type": "function", "function": {
-    "name": "FindFlights", "description": "Search flights",
-    "parameters": {"type": "object", "properties": {"origin": {"type": "string"}}, "required": ["origin"]}}}
-ASK = [{"role": "system", "content": "You book travel."}, {"role": "user", "content": "A flight from SF please"}]
-TEACHER_ANSWER = {
-    "id": "teacher-1", "object": "chat.completion", "created": 1, "model": "big-teacher",
-    "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": None,
-        "tool_calls": [{"id": "call_t", "type": "function",
-                        "function": {"name": "FindHotels", "arguments": "{\"city\": \"Paris\"}"}}]}}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ok(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
+from serving import ASK, FLIGHTS_TOOL, free_port, make_adapter, start_teacher, wait_ok
 
 # -- pure parts: no Ray -------------------------------------------------------------------------------------
 def test_completion_from_text_tool_call():
@@ -133,46 +98,12 @@ def test_teacher_client_errors_say_what_happened(teacher):
 
 
 # -- the app on Ray Serve -----------------------------------------------------------------------------------
-def make_adapter(base: str, out_dir: str, seed: int) -> str:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def teacher():
     """A real OpenAI-compatible server that answers every agent with one fixed tool call (sgd_Broken: HTTP 500)."""
-    import uvicorn
-
-    seen: list[dict] = []
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        seen.append(body)
-        if body["model"] == "sgd_Slow":
-            await asyncio.sleep(2)
-        if body["model"] == "sgd_Broken":
-            return JSONResponse({"error": {"message": "teacher is down for maintenance"}}, status_code=500)
-        return TEACHER_ANSWER
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/v1", seen=seen)
-    server.should_exit = True
-    thread.join(timeout=10)
+    server, stop = start_teacher()
+    yield server
+    stop()
 
 
 @pytest.fixture(scope="module")
