@@ -17,11 +17,48 @@ import shutil
 import sys
 import time
 
-from flywheel.config import (CurateConfig, DemoConfig, DistillConfig, EvaluateConfig, MonitorConfig,
+from flywheel.config import (ConfigError, CurateConfig, DemoConfig, DistillConfig, EvaluateConfig, MonitorConfig,
                              ServeConfig)
 from flywheel.storage import Store
 
 PACKAGE_DATA = os.path.join(os.path.dirname(__file__), "data")
+MARKER = ".flywheel-demo"  # a file in every home the demo made: `fresh` clears only those (or an empty folder)
+
+
+def prepare_home(home: str, fresh: bool) -> None:
+    """Make a local `home` ready for the demo; never delete a folder the demo did not make.
+
+    fresh: a new or empty folder is used as it is; a folder holding `MARKER` (the demo made it) is cleared; any other
+    folder is refused with a `ConfigError` that names it. Not fresh: the folder is reused as it is. A folder the
+    demo starts from empty gets the marker. Remote (`s3://`) homes are never cleared.
+    """
+    if "://" in home:
+        return
+    path = os.path.abspath(os.path.expanduser(home))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"home: {path} is a file, not a folder; pass another --home")
+    entries = os.listdir(path) if os.path.isdir(path) else []
+    ours = MARKER in entries
+    if fresh and entries and not ours:
+        raise ConfigError(f"home: {path} is not empty and was not made by `flywheel demo` (no {MARKER} file in "
+                          f"it), so the demo will not clear it; pass --no-fresh to reuse it, or a new --home")
+    if fresh and ours:
+        shutil.rmtree(path)
+    if fresh or not entries:  # now new or empty: the demo makes it
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, MARKER), "w") as f:
+            f.write("made by `flywheel demo`: `flywheel demo` (fresh) may delete this folder\n")
+
+
+def _serve_running() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def say(text: str) -> None:
@@ -87,21 +124,25 @@ def demo(cfg: DemoConfig) -> dict:
     from flywheel.curate.pipeline import curate, read_split
     from flywheel.distill.train import distill
     from flywheel.evaluate.run import evaluate
+    from flywheel.raycluster import connect_ray
     from flywheel.schema import to_openai_message
     from flywheel.serve.app import run as serve_run
     from flywheel.serve.app import shutdown as serve_shutdown
     from flywheel.serve.engine import HFEngine
 
     started = time.time()
-    if cfg.fresh and os.path.exists(cfg.home) and "://" not in cfg.home:
-        shutil.rmtree(cfg.home)
+    prepare_home(cfg.home, cfg.fresh)
     store = Store(cfg.home)
     os.environ["FLYWHEEL_HOME"] = store.uri
     logs = cfg.logs or os.path.join(PACKAGE_DATA, "sgd", "sgd_dev_flywheel_logs.jsonl")
-    if not ray.is_initialized():
-        ctx = ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
-                       dashboard_host="127.0.0.1", configure_logging=False, log_to_driver=True)
-        print(f"Ray dashboard (jobs, actors, Train and Serve): http://{ctx.dashboard_url}")
+    if not ray.is_initialized():  # join the Ray running here (Serve, the controller), else start a small one
+        ray_info = connect_ray(start=dict(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
+                                          dashboard_host="127.0.0.1"), configure_logging=False, log_to_driver=True)
+        if ray_info["dashboard_url"]:
+            print(f"Ray dashboard (jobs, actors, Train and Serve): http://{ray_info['dashboard_url']}")
+        if not ray_info["started"] and _serve_running():  # the demo deploys, then shuts down, its own Serve
+            raise ConfigError(f"Ray Serve already runs on the Ray instance at {ray_info['address']} (a `flywheel "
+                              f"serve`?); the demo would replace its app and shut it down: stop it first")
     timings: dict[str, float] = {}
 
     say(f"1/7 ingest {logs} into {store.uri}")

@@ -1,0 +1,108 @@
+"""Join the Ray instance already running here, or start one: `connect_ray()`, for every verb and the controller.
+
+    from flywheel.raycluster import connect_ray
+    connect_ray(configure_logging=False)      # {"address": "127.0.0.1:6379", "started": False, ...}
+
+Two drivers that each start their own local Ray leave two instances on one machine, and Ray Train's placement
+group cleaner then fails with "Found multiple active Ray instances". So a verb first looks for an instance to join,
+in this order: `RAY_ADDRESS` (a submitted Ray job's driver always has it); the cluster of the last `ray start` here
+(`/tmp/ray/ray_current_cluster`) if it is alive; the one local instance that is running (Serve, the controller, a
+demo). Only when there is none (or with `RAY_ADDRESS=local`) does it start a fresh local Ray. Several local
+instances and no `RAY_ADDRESS` is an error that says which to set, never a guess; nothing is ever stopped.
+
+Token auth stays on (Ray 2.60 turns it on for `ray start` clusters and for new local instances). Joining an
+instance found here sends the local token (`~/.ray/auth_token` or `RAY_AUTH_TOKEN`) as `ray.init(address="auto")`
+would; with `RAY_ADDRESS` the client runs as the environment says (`RAY_AUTH_MODE=token` for a token cluster).
+A joined instance's workers keep the environment of the process that started it; Flywheel's stages pass the home
+and the model paths to their workers explicitly, so nothing depends on the joining shell's variables.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def choose_address(env_address: str | None, bootstrap: str | None, live: set[str] | frozenset[str]) -> str | None:
+    """The address to join, or None to start a fresh local Ray (pure: the decision, without looking).
+
+    `env_address`: `RAY_ADDRESS`; `bootstrap`: the address `ray start` last recorded on this machine; `live`: the
+    GCS addresses of the Ray instances running here.
+    """
+    if env_address:
+        return env_address
+    if bootstrap and bootstrap in live:
+        return bootstrap
+    if len(live) == 1:
+        return next(iter(live))
+    if len(live) > 1:
+        raise ConnectionError(f"several Ray instances run on this machine ({', '.join(sorted(live))}); set "
+                              f"RAY_ADDRESS to the one to join (e.g. RAY_ADDRESS={sorted(live)[0]})")
+    return None
+
+
+def find_address() -> tuple[str | None, bool]:
+    """(address to join or None, whether it came from RAY_ADDRESS)."""
+    env_address = os.environ.get("RAY_ADDRESS") or None
+    if env_address:
+        return env_address, True
+    from ray._private.services import find_gcs_addresses  # a scan of the raylet processes, as `ray status` does
+    from ray._private.utils import read_ray_address
+
+    return choose_address(None, read_ray_address(), set(find_gcs_addresses())), False
+
+
+def _auth_failed(e: BaseException | None) -> bool:
+    while e is not None:
+        if type(e).__name__ == "AuthenticationError":
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _use_local_token() -> None:
+    """What `ray.init(address="auto")` does for a local instance: with RAY_AUTH_MODE unset and a token available
+    (~/.ray/auth_token, RAY_AUTH_TOKEN), send it. An explicit RAY_AUTH_MODE (token or disabled) is kept as it is."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token auth
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def connect_ray(start: dict[str, Any] | None = None, **kwargs: Any) -> dict:
+    """Connect this process to Ray: join the instance running here, else start one with `ray.init(**start)`.
+
+    `kwargs` go to `ray.init` either way (`configure_logging`, `log_to_driver`, ...); `start` only when a fresh
+    instance starts (`num_cpus`, `object_store_memory`, `include_dashboard`: Ray refuses them when joining).
+    Returns {"address": the GCS address, "started": whether this call started the instance, "dashboard_url"}.
+    A `ConnectionError` says what to set when the instance cannot be joined.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return {"address": ray.get_runtime_context().gcs_address, "started": False, "dashboard_url": None}
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    address, from_env = find_address()
+    ctx = None
+    if address and address != "local":  # RAY_ADDRESS=local: a fresh instance, as `ray.init` reads it
+        if not from_env:
+            _use_local_token()
+        try:
+            ctx = ray.init(address=address, **kwargs)
+        except Exception as e:
+            if _auth_failed(e):
+                raise ConnectionError(f"the Ray instance at {address} asks for its token: export RAY_AUTH_MODE=token "
+                                      f"and make the token available (~/.ray/auth_token or RAY_AUTH_TOKEN)") from e
+            if from_env or not isinstance(e, ConnectionError):  # the user named this cluster: it or nothing
+                raise
+            ctx = None  # the instance found a moment ago has gone: start our own
+    started = ctx is None
+    if started:  # "local": never a stale `ray start` record, which `ray.init()` would try to join
+        ctx = ray.init(address="local", **(start or {}), **kwargs)
+    return {"address": ray.get_runtime_context().gcs_address, "started": started,
+            "dashboard_url": getattr(ctx, "dashboard_url", None)}
+
+
+__all__ = ["connect_ray", "choose_address", "find_address"]
