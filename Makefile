@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(VENV)/.installed $(STUDENT)/config.json
 
@@ -31,7 +31,14 @@ $(STUDENT)/config.json: $(VENV)/.installed
 demo: setup
 	$(BIN)/flywheel demo
 
-test: setup
+# The review and status pages are tested in the distribution's headless Chromium (root installs it here).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends chromium chromium-driver; } || \
+	  echo "chromium/chromedriver missing: browser tests will skip (apt-get install chromium chromium-driver)"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -7,6 +7,14 @@ fallback, API keys per tenant, limits, and every answer captured before it is co
     GET  /v1/models              the agents the caller's key may call
     GET  /healthz                liveness (the ingress answers)
     GET  /readyz                 readiness (the student engine decodes a token; the log store takes writes)
+    POST /v1/feedback            {record_id, rating: up|down, correction?, comment?, model?} (the key's tenant's record)
+    GET  /review                 the review queue (HTML) of the agents the key may call; `?key=` signs in (cookie)
+    POST /review/{item}/approve  /review/{item}/correct (form field or JSON `message`): decisions become labels
+    GET  /status, /status.json   per agent: backend, production vs teacher, cost, drift, retrains, last cycle
+
+Pages (`flywheel.review.pages`) take the key from `Authorization: Bearer`, or from an HttpOnly cookie that
+`GET /review?key=...` or the sign-in form (`POST /review/login`) sets; their forms carry a CSRF token derived from
+the key, and a cross-origin POST is refused. The logic lives in `flywheel.review`; the routes only check who asks.
 
 Two deployments:
 - `Ingress` (FastAPI, no CPU reserved) checks the key, the rate limit and the body (size, then the OpenAI
@@ -31,12 +39,13 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -48,6 +57,12 @@ from flywheel.config import ConfigError, ServeConfig
 from flywheel.ids import is_valid_id
 from flywheel.prompts import chat_messages
 from flywheel.registry.registry import Registry
+from flywheel.review import pages as review_pages
+from flywheel.review.feedback import ReviewError, record_feedback
+from flywheel.review.queue import approve, correct, get_item, list_items
+from flywheel.review.status import status_rows
+from flywheel.review.web import (DECISION_FIELDS, FEEDBACK_FIELDS, correction, csrf_ok, csrf_token, form_fields,
+                                 json_object, reviewer_of, safe_next, same_origin)
 from flywheel.routing import STUDENT, TEACHER, get_route, known_agents
 from flywheel.serve.auth import KeyStore, Principal, RateLimiter, is_loopback
 from flywheel.serve.metrics import ServeMetrics
@@ -132,6 +147,18 @@ def check_auth_at_start(cfg: ServeConfig, store: Store) -> str:
     if not has_keys:
         return f"open on loopback ({cfg.host}): no API keys exist yet; every key created later is required"
     return "API keys required (Authorization: Bearer <key>)"
+
+
+# -- feedback, review and status pages (the logic is flywheel.review) -------------------------------------------
+COOKIE = "flywheel_key"  # the page sign-in: an HttpOnly cookie holding the key
+COOKIE_MAX_AGE_S = 8 * 3600
+MAX_FORM_BYTES = 1_000_000
+
+
+def review_api_error(e: ReviewError) -> APIError:
+    kind = {403: "permission_denied_error"}.get(e.status, "invalid_request_error")
+    code = {403: "permission_denied", 404: "not_found"}.get(e.status, "invalid_request")
+    return APIError(e.status, str(e), kind, code, e.param)
 
 
 # -- the ingress: authenticate, limit, validate, route, answer, capture ---------------------------------------
@@ -319,6 +346,122 @@ class Ingress:
         await self._route(agent)
         created = next((a["created"] for a in await self._agents() if a["id"] == agent), 0)
         return {"id": agent, "object": "model", "created": created, "owned_by": "flywheel"}
+
+    # -- feedback, review, status (logic in flywheel.review; these only check who asks) ---------------------------
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request) -> JSONResponse:
+        principal = await self._principal(request)
+        self._limit(principal)
+        try:
+            body = json_object(await _read_body(request, MAX_FORM_BYTES), FEEDBACK_FIELDS)
+            event = await asyncio.to_thread(record_feedback, self.store, body.get("record_id"),
+                                            principal.tenant if principal else None, body.get("rating"),
+                                            body.get("correction"), body.get("comment"), body.get("model"))
+        except ReviewError as e:
+            raise review_api_error(e) from None
+        return JSONResponse({"object": "feedback", "id": event["event_id"], "record_id": event["record_id"],
+                             "rating": event["rating"]})
+
+    async def _viewer(self, request: Request) -> tuple[bool, Principal | None, str | None]:
+        """Pages: (allowed, principal, key) from the Authorization header or the cookie; not allowed: sign in."""
+        if self.cfg.auth == "off":
+            return True, None, None
+        cookie = request.cookies.get(COOKIE)
+        for header in (request.headers.get("authorization"), f"Bearer {cookie}" if cookie else None):
+            principal = await asyncio.to_thread(self.keys.verify, header) if header else None
+            if principal is not None:
+                return True, principal, header.split(None, 1)[1].strip()
+        return self.cfg.auth == "auto" and not await self._any_keys(), None, None
+
+    async def _visible(self, principal: Principal | None) -> list[str]:
+        """The agents a page may show: those the key may call (every known agent in open mode)."""
+        return [a["id"] for a in await self._agents() if principal is None or principal.may_call(a["id"])]
+
+    @api.get("/review")
+    async def review(self, request: Request) -> Response:
+        query = request.query_params
+        if "key" in query:
+            return await self._sign_in(query["key"], "/review", request)
+        allowed, principal, key = await self._viewer(request)
+        if not allowed:
+            return HTMLResponse(review_pages.login_page("Sign in with an API key to review."), status_code=401)
+        items = await asyncio.to_thread(list_items, self.store, await self._visible(principal))
+        return HTMLResponse(review_pages.review_page(items, principal.tenant if principal else None, csrf_token(key),
+                                                     query.get("done", "")[:200], query.get("error", "")[:300]))
+
+    @api.post("/review/login")
+    async def review_login(self, request: Request) -> Response:
+        try:
+            form = form_fields(await _read_body(request, MAX_FORM_BYTES))
+        except ReviewError as e:
+            raise review_api_error(e) from None
+        return await self._sign_in(form.get("key", ""), safe_next(form.get("next")), request)
+
+    async def _sign_in(self, key: str, next_path: str, request: Request) -> Response:
+        """Check the key once, keep it in an HttpOnly cookie and redirect (the key leaves the address bar)."""
+        principal = await asyncio.to_thread(self.keys.verify, f"Bearer {key.strip()}") if key.strip() else None
+        if principal is None:
+            return HTMLResponse(review_pages.login_page("That key is unknown or revoked.", next_path), status_code=401)
+        response = RedirectResponse(next_path, status_code=303)
+        response.set_cookie(COOKIE, key.strip(), max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="lax",
+                            secure=request.url.scheme == "https", path="/")
+        return response
+
+    @api.post("/review/{item_id}/approve")
+    async def review_approve(self, item_id: str, request: Request) -> Response:
+        return await self._decide(request, item_id, lambda who, body: approve(self.store, item_id, who))
+
+    @api.post("/review/{item_id}/correct")
+    async def review_correct(self, item_id: str, request: Request) -> Response:
+        return await self._decide(request, item_id, lambda who, body: correct(self.store, item_id, who,
+                                                                              correction(body.get("message"))))
+
+    async def _decide(self, request: Request, item_id: str, decide) -> Response:
+        """A decision from a page form (redirects back to /review) or a JSON client (answers the item)."""
+        as_json = "application/json" in request.headers.get("content-type", "")
+        allowed, principal, key = await self._viewer(request)
+        if not allowed:
+            raise APIError(401, "sign in at /review or send `Authorization: Bearer <key>`", code="invalid_api_key")
+        self._limit(principal)
+        try:
+            raw = await _read_body(request, MAX_FORM_BYTES)
+            body = json_object(raw, DECISION_FIELDS) if as_json else form_fields(raw)
+            if not same_origin(request.headers.get("origin"), request.headers.get("host")) or \
+                    (not as_json and not csrf_ok(body.get("csrf"), key)):
+                raise APIError(403, "this form was not sent from the review page (CSRF check failed): reload "
+                                    "/review", "permission_denied_error", "csrf_failed")
+            item = await asyncio.to_thread(get_item, self.store, item_id)
+            if principal is not None and not principal.may_call(item["agent"]):
+                raise APIError(403, f"this API key may not review the agent {item['agent']!r}",
+                               "permission_denied_error", "model_not_allowed")
+            item = await asyncio.to_thread(decide, reviewer_of(principal), body)
+        except ReviewError as e:
+            if as_json:
+                raise review_api_error(e) from None
+            return RedirectResponse("/review?" + urllib.parse.urlencode({"error": f"{item_id}: {e}"}), status_code=303)
+        if as_json:
+            return JSONResponse(item)
+        return RedirectResponse("/review?" + urllib.parse.urlencode({"done": f"{item['status']}: {item_id}"}),
+                                status_code=303)
+
+    @api.get("/status")
+    async def status(self, request: Request) -> Response:
+        allowed, principal, _ = await self._viewer(request)
+        if not allowed:
+            return HTMLResponse(review_pages.login_page("Sign in with an API key to see the status.", "/status"),
+                                status_code=401)
+        return HTMLResponse(review_pages.status_page(await self._status_rows(principal)))
+
+    @api.get("/status.json")
+    async def status_json(self, request: Request) -> dict:
+        allowed, principal, _ = await self._viewer(request)
+        if not allowed:
+            raise APIError(401, "missing or unknown API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+        return {"object": "list", "data": await self._status_rows(principal)}
+
+    async def _status_rows(self, principal: Principal | None) -> list[dict]:
+        return await asyncio.to_thread(status_rows, self.store, await self._visible(principal))
 
     # -- chat completions --------------------------------------------------------------------------------------
     @api.post("/v1/chat/completions")
