@@ -8,7 +8,8 @@
 Every pass, for every agent (config `agents`, else every agent with a production adapter or a queued retrain):
 
 1. **monitor**: a drift check of the agent's new live traffic (`flywheel.monitor.drift.check_drift`); drift routes
-   the agent to the teacher and queues one retrain for the episode.
+   the agent to the teacher and queues one retrain for the episode. **review**: new records that need a person
+   (negative feedback, invalid tool calls, disagreement) go to the review queue (`flywheel.review.fill_queue`).
 2. **trigger**: a cycle starts when the agent has a queued retrain (drift, a person) older than `retrain_after_s`
    (time for the teacher's answers to the new traffic to be captured), approved review corrections,
    or `min_new_records` newly captured records, and its last cycle ended more than `cooldown_s` ago and the
@@ -129,6 +130,7 @@ class Controller:
         if not state.get("cycle"):
             if self.cfg.monitor:
                 self._monitor(agent)
+            self._review(agent)
             trigger = self._trigger(agent, state)
             if trigger is None:
                 return "idle"
@@ -151,6 +153,18 @@ class Controller:
         if verdict not in ("insufficient_data", "no_reference"):
             self.event(agent, None, "monitor", str(verdict), {k: result.get(k) for k in
                                                              ("drift_share", "event", "retrain", "episode")})
+
+    def _review(self, agent: str) -> None:
+        """Fill the agent's review queue from its new records (negative feedback, invalid calls, disagreement)."""
+        from flywheel.review import fill_queue
+
+        try:
+            added = fill_queue(self.store, agent)
+        except Exception as e:
+            self.event(agent, None, "review", "failed", f"{type(e).__name__}: {e}")
+            return
+        if added.get("enqueued"):
+            self.event(agent, None, "review", "queued", added["enqueued"])
 
     def _trigger(self, agent: str, state: dict) -> str | None:
         now = self.clock()
