@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import pytest
 from flywheel.capture.store import OPEN, PARQUET, SEALED, WAL, LogStore
 from flywheel.storage import Store
 
-from conftest import REPO
+from conftest import REPO, fake_aws_credentials, moto_s3
 
 WRITER = r"""
 import os, sys, time
@@ -244,22 +243,10 @@ def test_bad_settings_name_the_key(store):
 # -- object stores: one object per append, acknowledged when the PUT returned ---------------------------------
 @pytest.fixture
 def s3_store(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                 ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(k, v)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flywheel-capture")
-    monkeypatch.setenv("FLYWHEEL_S3_ENDPOINT", endpoint)
-    yield Store("s3://flywheel-capture/home")
-    server.stop()
+    fake_aws_credentials(monkeypatch)
+    with moto_s3("flywheel-capture") as endpoint:
+        monkeypatch.setenv("FLYWHEEL_S3_ENDPOINT", endpoint)
+        yield Store("s3://flywheel-capture/home")
 
 
 def test_s3_append_and_concurrent_compaction_store_each_record_once(s3_store):

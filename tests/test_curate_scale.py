@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ from flywheel.config import CurateConfig
 from flywheel.curate.pipeline import FAULT_EXIT, curate, read_split
 from flywheel.storage import Store
 
-from conftest import REPO, SGD_LOGS
+from conftest import REPO, SGD_LOGS, moto_s3
 
 # Ray workers resolve S3 credentials from their own environment (see flywheel.storage): set it before the
 # shared Ray starts (collection runs before any test), as a cluster would through its runtime_env or node roles.
@@ -161,18 +160,8 @@ def test_a_crash_mid_write_publishes_nothing_and_the_rerun_completes(ray_session
 # -- (c) the same pipeline through s3:// on a local S3-compatible server ----------------------------------------
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flywheel-ci")
-    yield endpoint
-    server.stop()
+    with moto_s3("flywheel-ci") as endpoint:
+        yield endpoint
 
 
 def test_ingest_and_curation_end_to_end_through_s3(ray_session, s3_endpoint, monkeypatch, sgd_sample, tmp_path):

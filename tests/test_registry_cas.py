@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from flywheel import storage
 from flywheel.registry.registry import PromotionConflict, Registry, RegistryError
 from flywheel.storage import Store
 
-from conftest import REPO
+from conftest import REPO, fake_aws_credentials, moto_s3
 
 BUCKET = "flywheel-registry"
 
@@ -66,10 +65,8 @@ print("done", flush=True)
 
 @pytest.fixture
 def s3_home(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
     pytest.importorskip("s3fs")
     from moto.s3.responses import S3Response
-    from moto.server import ThreadedMotoServer
 
     put, lock = S3Response.put_object, threading.Lock()
 
@@ -78,20 +75,11 @@ def s3_home(monkeypatch):
             return put(self, *args, **kwargs)
 
     monkeypatch.setattr(S3Response, "put_object", atomic_put)
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                 ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(k, v)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    monkeypatch.setenv("FLYWHEEL_S3_ENDPOINT", endpoint)
-    yield f"s3://{BUCKET}/home-{uuid.uuid4().hex[:8]}"  # moto's objects outlive the server within the process
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
-    server.stop()
+    fake_aws_credentials(monkeypatch)
+    with moto_s3(BUCKET) as endpoint:
+        monkeypatch.setenv("FLYWHEEL_S3_ENDPOINT", endpoint)
+        yield f"s3://{BUCKET}/home-{uuid.uuid4().hex[:8]}"  # moto's objects outlive the server within the process
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
 
 
 @pytest.fixture(params=["local", "s3"])
