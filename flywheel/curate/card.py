@@ -60,7 +60,7 @@ def render(manifest: dict[str, Any], plot: str | None = PLOT) -> str:
         rows.append(["clean: validate, quality, PII (new records)", clean["in"], clean["out"],
                      clean["in"] - clean["out"]])
     if decide:
-        rows.append(["decide: duplicates, near-duplicates, cap", decide["in"], decide["out"],
+        rows.append(["decide: review, feedback, duplicates, near-duplicates, cap", decide["in"], decide["out"],
                      decide["in"] - decide["out"]])
     rows.append(["split", c["kept"], f"{c['train']} train / {c['eval']} eval", ""])
     lines += _table(["stage", "in", "out", "set aside"], rows) + [""]
@@ -91,11 +91,19 @@ def render(manifest: dict[str, Any], plot: str | None = PLOT) -> str:
         ["log parts consumed", len(lin.get("parts", []))],
         ["log parts read by this run", len(lin.get("parts_read", []))],
         ["watermark (newest record timestamp)", lin.get("watermark")],
+        ["review labels (decisions)", _review_cell(lin.get("review") or {})],
         ["sessions", ", ".join(f"{k}: {v}" for k, v in sorted(m.get("sessions", {}).items()))],
         ["run", f"`{m.get('run')}`"],
     ])
     lines += ["", "## Config", "", "```json", json.dumps(m.get("config", {}), indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
+
+
+def _review_cell(review: dict[str, Any]) -> str:
+    if not review.get("labels"):
+        return "0"
+    decisions = ", ".join(f"{k}: {v}" for k, v in sorted(review.get("decisions", {}).items()))
+    return f"{review['labels']} ({decisions})"
 
 
 def class_balance_png(labels: dict[str, dict[str, int]], title: str) -> bytes | None:

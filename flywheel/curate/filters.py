@@ -5,15 +5,23 @@
 No Ray here. Every function is deterministic, so a rerun gives the same dataset. Per batch (`clean_batch`):
 validate and label each record, score toxicity once for the batch, redact PII consistently per record
 (`flywheel.curate.pii`: regex always, Presidio for the agents that ask), then compute the exact dedup key and
-the MinHash signature (`flywheel.curate.near_dup`). Per agent, on the small key columns: exact duplicates,
-near-duplicates, classifier or free text, a label-balanced cap, the session-grouped stratified split.
+the MinHash signature (`flywheel.curate.near_dup`). Per agent, on the small key columns: what people said
+(`set_aside_reviewed`), exact duplicates, near-duplicates, classifier or free text, a label-balanced cap, the
+session-grouped stratified split.
+
+Review labels (`flywheel.review`: a reviewer's approved or corrected answer, logged with `source="review"` and
+`extra_json.priority` 1) go first wherever records compete: duplicates and near-duplicates keep the record with
+the highest priority, then the earliest (`precedence`), and the cap keeps labels before other rows; the record a
+label replaces is set aside as `reviewed`. Priority is `extra_json.priority` (an integer; 0 when absent).
 
 Reason codes (stable, counted in the manifest):
 
     oversized_record, no_user_turn, empty_answer, refusal, unknown_tool, bad_tool_arguments,
-    negative_feedback, duplicate, student_answer (answered by a student: not a teacher label; it stays in
-    the logs for monitoring and review), toxic, tool_schema_violation, too_long, too_short (see
-    `flywheel.curate.quality`), near_duplicate (`flywheel.curate.near_dup`), over_agent_cap
+    negative_feedback (logged feedback < 0, or the latest user rating is a thumbs down), duplicate,
+    student_answer (answered by a student: not a teacher label; it stays in the logs for monitoring and review),
+    toxic, tool_schema_violation, too_long, too_short (see `flywheel.curate.quality`), near_duplicate
+    (`flywheel.curate.near_dup`), over_agent_cap, reviewed (a review label replaces it, or a later decision on
+    the same review item replaces this label)
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import hashlib
 import json
 import re
 from collections import Counter, defaultdict
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable, Mapping
 
 from flywheel.config import CurateConfig
 from flywheel.curate import near_dup, pii, quality
@@ -44,6 +52,7 @@ R_TOO_LONG = quality.R_TOO_LONG
 R_TOO_SHORT = quality.R_TOO_SHORT
 R_NEAR_DUP = near_dup.R_NEAR_DUP
 R_OVER_CAP = "over_agent_cap"
+R_REVIEWED = "reviewed"
 RARE = "__rare__"  # the stratum of labels too small to stratify on their own
 
 REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:no|')t (?:help|assist)|as an ai\b|i am unable to|"
@@ -115,15 +124,45 @@ def tool_names(tools_json: str | None) -> set[str]:
         return set()
 
 
+def review_marks(extra_json: str | None) -> tuple[int, str | None]:
+    """(priority, the review lineage JSON or None) of a record from its `extra_json`.
+
+    Priority is `extra_json.priority` when it is an integer, else 0. The lineage is the record's `extra_json`,
+    kept verbatim, when it holds a `review` object with an `item_id` (a review label); None otherwise.
+    """
+    try:
+        extra = json.loads(extra_json or "{}")
+    except (ValueError, TypeError):
+        return 0, None
+    if not isinstance(extra, dict):
+        return 0, None
+    priority = extra.get("priority", 0)
+    priority = priority if isinstance(priority, int) and not isinstance(priority, bool) else 0
+    review = extra.get("review")
+    return priority, extra_json if isinstance(review, dict) and review.get("item_id") else None
+
+
+def review_item(review_json: str | None) -> str | None:
+    """The review item id of a label's lineage (`review_marks`), or None."""
+    return json.loads(review_json)["review"]["item_id"] if review_json else None
+
+
+def precedence(r: dict) -> tuple:
+    """Which of two competing records wins (smaller first): higher priority, then earlier, then record id."""
+    return -(r.get("priority") or 0), r["timestamp"] if r["timestamp"] is not None else 0.0, r["record_id"]
+
+
 # --- the per-record step ---------------------------------------------------------------------------------
 def _check(row: dict, max_record_bytes: int, cfg: CurateConfig) -> dict:
     """Validate and label one LOG_RECORD row (nothing redacted yet): `reason` None (kept) or a reason code."""
+    priority, review = review_marks(row.get("extra_json"))
     out = {
         "example_id": row["record_id"], "record_id": row["record_id"], "agent_id": row["agent_id"],
         "session_id": row.get("session_id") or row["record_id"], "timestamp": row.get("timestamp") or 0.0,
         "tools_json": row.get("tools_json") or "[]", "reason": None, "detail": None,
         "dedup_key": None, "label": None, "task": None, "pii": "{}", "minhash": None,
         "messages": row.get("messages") or [], "target": row.get("response"), "source": row.get("source"),
+        "priority": priority, "review_json": review,
     }
 
     def reject(reason: str, detail: str) -> dict:
@@ -234,11 +273,45 @@ def settle_task(rows: list[dict]) -> None:
             r["task"], r["label"] = "text", "text"
 
 
+def set_aside_reviewed(rows: list[dict], superseded: Mapping[str, str | None] | Collection[str],
+                       negative: Collection[str], labels: Mapping[str, str] | None = None) -> Counter:
+    """Set aside, in place, the kept rows (`reason` None) that people have judged; returns the count per reason.
+
+    `superseded`: original record ids a review label replaces (a mapping may name the replacing review item)
+    -> `reviewed`. `labels`: review item id -> the record id of its current label; a label row (`review_json`
+    set) of a listed item that is not its current label was replaced by a later decision -> `reviewed` (a label
+    of an item not listed keeps its place: it wins duplicates by priority anyway). `negative`:
+    records whose latest user rating is a thumbs down -> `negative_feedback`. A record both replaced and
+    rated down is `reviewed`. Rows already set aside keep their reason. Pure: the caller reads the id sets
+    (`flywheel.review.superseded_records`, `labels`, `negative_records`) once per agent.
+    """
+    counts: Counter = Counter()
+    for r in rows:
+        if r["reason"] is not None:
+            continue
+        rid = r["record_id"]
+        if rid in superseded:
+            item = superseded.get(rid) if isinstance(superseded, Mapping) else None
+            r["reason"] = R_REVIEWED
+            r["detail"] = "a review label replaces it" + (f" (review item {item})" if item else "")
+        elif labels and r.get("review_json") and labels.get(review_item(r["review_json"]), rid) != rid:
+            r["reason"] = R_REVIEWED
+            r["detail"] = (f"a later decision on review item {review_item(r['review_json'])} replaces this label "
+                           f"(with {labels[review_item(r['review_json'])]})")
+        elif rid in negative:
+            r["reason"], r["detail"] = R_NEGATIVE, "the latest user rating is a thumbs down"
+        else:
+            continue
+        counts[r["reason"]] += 1
+    return counts
+
+
 def mark_duplicates(rows: list[dict]) -> int:
-    """Keep the earliest record of each dedup key (ties: record id); mark the rest `duplicate`."""
+    """Keep one record of each dedup key, the first by `precedence` (a review label before any other record,
+    then the earliest, then the record id); mark the rest `duplicate`. Rows already set aside take no part."""
     seen: dict[str, str] = {}
     n = 0
-    for r in sorted(rows, key=lambda r: (r["timestamp"], r["record_id"])):
+    for r in sorted((r for r in rows if r["reason"] is None), key=precedence):
         if r["dedup_key"] in seen:
             r["reason"], r["detail"] = R_DUPLICATE, f"same request as record {seen[r['dedup_key']]}"
             n += 1
@@ -257,7 +330,8 @@ def cap_examples(rows: list[dict], max_examples: int, seed: int) -> int:
     The cap is shared by water-filling: every label gets an equal share, a label smaller than its share keeps
     all of its rows and leaves the remainder to the others. Within a label the rows kept are the first in a
     seeded hash order of their record ids, so a rerun (and a later version with more logs) keeps the same ones.
-    Settles the task first (`settle_task`), as labels depend on it.
+    Rows with a higher priority (review labels) come first within their label. Settles the task first
+    (`settle_task`), as labels depend on it.
     """
     kept = [r for r in rows if r["reason"] is None]
     if max_examples <= 0 or len(kept) <= max_examples:
@@ -269,7 +343,7 @@ def cap_examples(rows: list[dict], max_examples: int, seed: int) -> int:
     labels = sorted(by_label, key=lambda lb: (len(by_label[lb]), lb))
     left, n = max_examples, 0
     for i, label in enumerate(labels):
-        members = sorted(by_label[label], key=lambda r: _rank(seed, r["record_id"]))
+        members = sorted(by_label[label], key=lambda r: (-(r.get("priority") or 0), _rank(seed, r["record_id"])))
         quota = min(len(members), left // (len(labels) - i))
         left -= quota
         for r in members[quota:]:

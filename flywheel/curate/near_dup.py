@@ -8,9 +8,10 @@ Two steps, both pure (no Ray):
    over word 3-shingles of the normalised, redacted request (every turn, with its role and tool calls), stored as
    `num_perm` little-endian uint32 (`num_perm * 4` bytes) in the `minhash` column.
 2. `mark_near_duplicates(rows, threshold)`, at publish time, over the key rows of ALL the agent's records: in
-   time order (earliest first), a record whose estimated Jaccard similarity to an earlier kept record of another
-   session is at least `threshold` is set aside as `near_duplicate`, naming the record it repeats. LSH
-   (`MinHashLSH`) finds the candidates, so the work grows with the number of records, not its square.
+   order of precedence (a higher `priority` first, so a review label wins; then the earliest; then the record
+   id), a record whose estimated Jaccard similarity to a kept record before it of another session is at least
+   `threshold` is set aside as `near_duplicate`, naming the record it repeats. LSH (`MinHashLSH`) finds the
+   candidates, so the work grows with the number of records, not its square.
 
 Records of the same session are never near-duplicates of each other: they are the successive turns of one
 conversation (each request extends the previous one), and a replay of the same request is an exact duplicate.
@@ -72,17 +73,19 @@ def _lean(sig: bytes):
 
 
 def mark_near_duplicates(rows: list[dict], threshold: float) -> int:
-    """Mark later near-duplicates `near_duplicate` in place (earliest kept); returns how many were marked.
+    """Mark near-duplicates `near_duplicate` in place, keeping the first by (-priority, timestamp, record id);
+    returns how many were marked.
 
-    `rows` are an agent's key rows (`record_id`, `session_id`, `timestamp`, `reason`, `minhash`); only rows still
-    kept (`reason` None) with a signature take part. `threshold` 0 turns the filter off.
+    `rows` are an agent's key rows (`record_id`, `session_id`, `timestamp`, `reason`, `minhash`, optionally
+    `priority`); only rows still kept (`reason` None) with a signature take part. `threshold` 0 turns the
+    filter off.
     """
     if threshold <= 0:
         return 0
     from datasketch import MinHashLSH
 
     live = sorted((r for r in rows if r["reason"] is None and r.get("minhash")),
-                  key=lambda r: (r["timestamp"] or 0.0, r["record_id"]))
+                  key=lambda r: (-(r.get("priority") or 0), r["timestamp"] or 0.0, r["record_id"]))
     if not live:
         return 0
     sizes = {len(r["minhash"]) for r in live}

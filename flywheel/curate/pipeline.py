@@ -10,8 +10,12 @@
    `filters.clean_batch` (validate, quality, PII, label, dedup key, MinHash) into
    `datasets/_staging/<run>/cleaned/`, partitioned by agent.
 3. Decide (one Ray task per agent, in parallel; key columns only). Per agent: the previous version's keys (`keys.parquet`) + the new records'
-   keys -> exact and near duplicates (the previous version's examples sort first, so they win), classifier or
-   free text, the session-grouped stratified split with sessions pinned to the split an earlier version gave them.
+   keys -> what people said (`flywheel.curate.reviewed`, read once per agent on the driver: originals a review
+   label replaces are `reviewed`, records rated thumbs down `negative_feedback`, the previous version's rows
+   included), exact and near duplicates (review labels first, then the previous version's examples, so they
+   win), classifier or free text, the session-grouped stratified split with sessions pinned to the split an
+   earlier version gave them. An agent whose review decisions or ratings changed since its latest version is
+   decided again even without new log parts.
 4. Write (streaming). The previous version's files and the agent's new cleaned rows stream batch by batch through
    the decisions into `train/eval/quarantine.parquet`, then `keys.parquet`, the card (`card.md`,
    `class_balance.png`) and `manifest.json`, all in the staging folder. A task holds one batch and one agent's keys.
@@ -19,7 +23,9 @@
    then the `LATEST` pointer. A crash before that publishes nothing. `FLYWHEEL_FAULT=after_staging_write` (or
    `after_publish`) makes the process exit at that point: the crash tests use it.
 
-A version is named from its input (record ids + config), so curating the same logs twice gives the same version.
+A version is named from its input (record ids + config + the review decisions and ratings), so curating the same
+logs twice gives the same version. A record set aside by a decision stays set aside in later incremental versions
+(a thumbs down later turned up is kept again by a full rebuild, `incremental: false`).
 Counts add up: records in == kept (train + eval) + quarantined, per agent, in `manifest.json`. `executor="local"`
 runs the clean stage and the agents in this process without Ray (small data, and the benchmark's single-process baseline).
 """
@@ -44,6 +50,7 @@ from flywheel.capture.ingest import digest
 from flywheel.capture.store import QUARANTINE_DIR, LogStore, write_parquet
 from flywheel.config import CurateConfig
 from flywheel.curate import card, filters
+from flywheel.curate.reviewed import Review, label_lineage, read_review
 from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE
 from flywheel.storage import Store
 
@@ -54,9 +61,11 @@ CLEAN = pa.schema([
     ("reason", pa.string()), ("detail", pa.string()), ("dedup_key", pa.string()), ("pii", pa.string()),
     ("source", pa.string()),
     ("minhash", pa.binary()),  # issue 3 (quality): near_dup.signature of the redacted request
+    ("priority", pa.int64()),  # extra_json.priority: review labels 1, other records 0 (filters.review_marks)
+    ("review_json", pa.string()),  # a review label's extra_json (its lineage), verbatim; null for other records
 ])
 KEYS = ["record_id", "agent_id", "session_id", "timestamp", "label", "task", "reason", "dedup_key", "pii",
-        "minhash"]
+        "minhash", "priority", "review_json"]
 # keys.parquet, one row per record of a version: the clean stage's keys (raw label/task/reason) + the decision.
 DECISION = [("final_reason", pa.string()), ("final_detail", pa.string()), ("final_label", pa.string()),
             ("final_task", pa.string()), ("split", pa.string())]
@@ -206,6 +215,9 @@ def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False
     bases = {a: _base(store, a, config) if cfg.incremental else None for a in scope}
     to_read = [n for n in names if any(a in bases and n not in (bases[a].parts if bases[a] else ())
                                        for a in index[n])]
+    reviews = {a: read_review(store, a) for a in scope}  # once per agent per run; the decide tasks get them
+    redecide = {a for a in scope if bases[a] is not None and
+                reviews[a].digest != (bases[a].manifest["lineage"].get("review") or {}).get("inputs")}
     timings["plan"] = time.time() - started
     run = uuid.uuid4().hex[:12]
     staging = f"{STAGING}/{run}"
@@ -224,11 +236,13 @@ def curate(cfg: CurateConfig, store: Store | None = None, progress: bool = False
             timings["clean"] = time.time() - t0
             if store.exists(f"{staging}/cleaned"):
                 fresh_agents = set(scope) & {a for n in to_read for a in index[n]}
-        ingest = _ingest_reasons(store) if fresh_agents else {}
+        todo = fresh_agents | redecide  # new logs, or new review decisions and ratings on the old ones
+        ingest = _ingest_reasons(store) if todo else {}
         t0 = time.time()
         prepared = _prepare_all(executor, store, cfg, {
-            a: (staging, run, bases[a], sorted(n for n in to_read if a in index[n]), ingest)
-            for a in scope if a in fresh_agents})
+            a: (staging, run, bases[a], sorted(n for n in to_read if a in index[n] and a in fresh_agents), ingest,
+                reviews[a])
+            for a in scope if a in todo})
         if prepared:
             timings["agents"] = time.time() - t0
         for agent in scope:
@@ -254,14 +268,18 @@ def _read_keys(store: Store, rel: str) -> list[dict]:
 
 
 def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, run: str, base: Base | None,
-                   parts_read: list[str], ingest: dict[str, Counter] | None = None) -> tuple[dict, str | None]:
+                   parts_read: list[str], ingest: dict[str, Counter] | None = None,
+                   review: Review | None = None) -> tuple[dict, str | None]:
     """Decide, write and card one agent's new version under `staging/<agent>`. Returns (manifest, folder to
     publish), or (manifest, None) when there is nothing to publish (too few examples, or the version exists).
-    Reads only the staging folder and the agent's previous version, so agents run in parallel."""
+    Reads only the staging folder and the agent's previous version, so agents run in parallel. `review`: the
+    agent's review decisions and ratings (`reviewed.read_review`, read on the driver)."""
     t0 = time.time()
+    review = review or Review()
     pafs, root = store.pyarrow_fs()
-    cleaned = pads.dataset(f"{root}/{staging}/cleaned", filesystem=pafs, format="parquet", partitioning="hive",
-                           schema=CLEAN)
+    cleaned = (pads.dataset(f"{root}/{staging}/cleaned", filesystem=pafs, format="parquet", partitioning="hive",
+                            schema=CLEAN) if store.exists(f"{staging}/cleaned")
+               else pads.dataset(CLEAN.empty_table()))  # no new logs: new review decisions only
     prior = _read_keys(store, f"datasets/{agent}/{base.version}/keys.parquet") if base else []
     prior_ids = {r["record_id"] for r in prior}
     seen = set(prior_ids)
@@ -280,6 +298,8 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     for r in carried:
         r["detail"] = None
         r["timestamp"] = float("-inf")  # the previous version's examples are first in time: a late copy loses
+    # what people said, before duplicates: a replaced original must not win over its label, or block it
+    filters.set_aside_reviewed(rows, review.superseded, review.negative, review.labels)
     n_dup = filters.mark_duplicates(rows)
     # --- issue 3 (quality): near-duplicates across the agent's whole history, then the label-balanced cap ---
     filters.mark_near_duplicates(rows, cfg.near_dup_threshold)
@@ -291,7 +311,9 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
         r["timestamp"] = raw[r["record_id"]][2]
     config = _digest_config(cfg)
     every = prior + fresh
-    version = digest(agent, sorted(r["record_id"] for r in every), config, n=12)
+    ids = sorted(r["record_id"] for r in every)
+    version = digest(agent, ids, config, n=12) if review.digest is None else \
+        digest(agent, ids, config, review.digest, n=12)
     if store.exists(f"datasets/{agent}/{version}/manifest.json"):  # same input, same output: retry-safe
         if latest_version(store, agent) != version:  # a crash between publish and LATEST: finish the job
             store.write_json(f"datasets/{agent}/LATEST", {"version": version})
@@ -333,6 +355,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
 
     n_in = len(every)
     kept_rows = [r for r in every if decided[r["record_id"]][4] is not None]
+    reviewed = label_lineage(kept_rows, [r for r in every if decided[r["record_id"]][4] is None], review)
     pii: Counter = Counter()
     for r in kept_rows:
         pii.update(json.loads(r["pii"] or "{}"))
@@ -347,7 +370,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
         "task": (Counter(t for _, t, _ in by_split["train"] + by_split["eval"]).most_common(1) or [("text", 0)])[0][0],
         "counts": {"in": n_in, "kept": len(kept_rows), "quarantined": written["quarantine"],
                    "train": written["train"], "eval": written["eval"],
-                   "duplicates": reasons.get(filters.R_DUPLICATE, 0)},
+                   "duplicates": reasons.get(filters.R_DUPLICATE, 0), "review_labels": reviewed["labels"]},
         "reasons": dict(sorted(reasons.items())),
         "labels": {s: dict(Counter(lb for lb, _, _ in by_split[s]).most_common()) for s in ("train", "eval")},
         "sessions": {s: len({sess for _, _, sess in by_split[s]}) for s in ("train", "eval")},
@@ -364,7 +387,8 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
         "lineage": {"log_records": n_in, "record_ids_digest": digest(sorted(r["record_id"] for r in every)),
                     "previous": latest_version(store, agent), "incremental": base is not None,
                     "parts": sorted(set(base.parts if base else ()) | set(parts_read)), "parts_read": parts_read,
-                    "watermark": max((r["timestamp"] for r in every if r["timestamp"] is not None), default=None)},
+                    "watermark": max((r["timestamp"] for r in every if r["timestamp"] is not None), default=None),
+                    "review": reviewed},
         "files": ["train.parquet", "eval.parquet", "quarantine.parquet", "keys.parquet", card.CARD, card.PLOT],
     }
     c = manifest["counts"]
@@ -397,6 +421,8 @@ def _prepare_all(executor: str, store: Store, cfg: CurateConfig, jobs: dict[str,
         return {a: _prepare_agent(store, cfg, a, *args) for a, args in jobs.items()}
     import ray
 
+    if not ray.is_initialized():  # new review decisions only: no clean stage started Ray
+        ray.init(configure_logging=False)
     task = ray.remote(num_cpus=1, max_retries=1)(_prepare_agent)
     refs = {a: task.remote(store, cfg, a, *args) for a, args in jobs.items()}
     return dict(zip(refs, ray.get(list(refs.values()))))
@@ -449,7 +475,8 @@ def _write_rows(store: Store, prefix: str, cfg: CurateConfig, agent: str, decide
             for split in ("train", "eval"):
                 for batch in _iter_file(store, f"{old}/{split}.parquet", cfg.write_batch_rows):
                     _route(batch, agent, decided, done, sinks)
-        scanner = cleaned.scanner(columns=[n for n in CLEAN.names if n not in ("agent_id", "minhash")],
+        scanner = cleaned.scanner(columns=[n for n in CLEAN.names if n not in ("agent_id", "minhash", "priority",
+                                                                               "review_json")],
                                   filter=pads.field("agent_id") == agent, batch_size=cfg.write_batch_rows,
                                   batch_readahead=1, fragment_readahead=1)
         for batch in scanner.to_batches():
