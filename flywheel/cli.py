@@ -161,7 +161,10 @@ def run_serve(cfg: C.ServeConfig) -> dict:
 
 def run_monitor(cfg: C.MonitorConfig) -> dict:
     from flywheel.monitor.drift import check_drift
+    from flywheel.raycluster import find_address
 
+    if find_address()[0]:  # a Ray instance runs here: join it, so the drift gauges reach its dashboard
+        _ray_init()
     return check_drift(cfg)
 
 

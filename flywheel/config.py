@@ -379,19 +379,58 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """`flywheel monitor`: Evidently drift of live traffic against the training reference."""
+    """`flywheel monitor`: input drift of an agent's live traffic against its training reference, and answer quality.
+
+    Every `stride` new live requests, the newest `window` (a repeated request counts once) are tested against the
+    train split: MMD and a nearest-neighbour test on MiniLM embeddings of the last user turn (permutation p-values)
+    and K-S on length, turns and tools, Holm-corrected at `alpha`. `persistence` drifted windows in a row start a
+    drift episode (route to the teacher, queue one retrain); `clear_windows` clean windows in a row end it. Answer
+    quality (invalid tool calls, fallbacks, feedback, teacher agreement) is reported, never drift. See
+    flywheel/monitor/drift.py.
+    """
 
     agent: str = ""
     home: str = ""
-    drift_share: float = 0.3  # share of drifted features that counts as drift (in-domain traffic: <= 0.15 measured)
-    min_window: int = 20  # fewer live requests: no verdict
-    window: int = 500  # the newest N live requests
-    cooldown_s: float = 0.0
+    window: int = 200  # the newest N live requests form a window
+    min_window: int = 20  # fewer distinct live requests: no verdict
+    stride: int = 50  # new live requests between evaluated windows (at most `window`)
+    alpha: float = 0.01  # family-wise false-alarm rate of one window (Holm over the 5 input tests)
+    permutations: int = 999  # permutation p-value of the embedding test: its floor is 1 / (permutations + 1)
+    max_reference: int = 1000  # train examples sampled as the reference (fixed per dataset version)
+    embedding_model: str = ""  # a local sentence-transformers folder; default: the bundled all-MiniLM-L6-v2
+    persistence: int = 2  # k drifted windows in a row start a drift episode
+    clear_windows: int = 3  # m clean windows in a row end it
+    retrains_per_episode: int = 1  # retrain requests one episode may queue (0: none; more: one per cool-down)
+    cooldown_s: float = 3600.0  # and never two retrain requests for the agent closer than this
+    max_invalid_rate: float = 0.1  # answer quality: flagged, never drift
+    max_fallback_rate: float = 0.1
+    max_negative_feedback_rate: float = 0.2
+    min_teacher_agreement: float = 0.8  # on shadow samples
+    report: str = "drift"  # Evidently HTML report: "always", "drift" (drifted windows outside an episode), "never"
 
     def __post_init__(self):
         if not self.agent:
             raise ConfigError("agent: name the agent to monitor")
         check_ids(self, "agent")
+        if self.window < 2:
+            raise ConfigError(f"window: must be >= 2, got {self.window}")
+        if not 2 <= self.min_window <= self.window:
+            raise ConfigError(f"min_window: must be between 2 and window={self.window}, got {self.min_window}")
+        for key in ("stride", "persistence", "clear_windows", "max_reference"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"alpha: must be between 0 and 1, got {self.alpha}")
+        if (self.permutations + 1) * self.alpha < 5:  # Holm's first threshold is alpha / 5 (five input tests)
+            raise ConfigError(f"permutations: {self.permutations} cannot give a p-value below alpha/5 = "
+                              f"{self.alpha / 5:g}; use at least {int(5 / self.alpha + 0.999999) - 1}")
+        if self.retrains_per_episode < 0 or self.cooldown_s < 0:
+            raise ConfigError("retrains_per_episode and cooldown_s: must be >= 0")
+        for key in ("max_invalid_rate", "max_fallback_rate", "max_negative_feedback_rate", "min_teacher_agreement"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}: a rate between 0 and 1, got {getattr(self, key)}")
+        if self.report not in ("always", "drift", "never"):
+            raise ConfigError(f"report: 'always', 'drift' or 'never', got {self.report!r}")
 
 
 @dataclass(frozen=True)

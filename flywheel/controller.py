@@ -59,8 +59,7 @@ class ControllerConfig:
     interval_s: float = 60.0  # seconds between passes
     passes: int = 0  # stop after this many passes; 0: run until stopped
     monitor: bool = True  # check drift of every agent each pass
-    min_window: int = 20  # live requests a drift check needs
-    window: int = 200  # live requests per drift window
+    monitor_config: str = ""  # a jobs/monitor.yaml-style file for the drift checks (agent/home are set here)
     min_new_records: int = 0  # newly captured records of an agent that start a cycle; 0: only other triggers
     cooldown_s: float = 600.0  # between the end of one cycle of an agent and the start of its next
     retrain_after_s: float = 300.0  # a queued retrain waits this long, so the teacher's answers to the new traffic
@@ -90,6 +89,7 @@ class Controller:
         self.cfg, self.store, self.clock = cfg, store or Store(cfg.home or None), clock
         self.distill = {**_overrides(DistillConfig, cfg.distill_config), **(distill or {})}
         self.evaluate = {**_overrides(EvaluateConfig, cfg.evaluate_config), **(evaluate or {})}
+        self.monitor = _overrides(MonitorConfig, cfg.monitor_config)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -142,17 +142,16 @@ class Controller:
         from flywheel.monitor.drift import check_drift
 
         try:
-            result = check_drift(MonitorConfig(agent=agent, home=self.store.uri, min_window=self.cfg.min_window,
-                                               window=self.cfg.window), self.store)
+            result = check_drift(MonitorConfig(**{**self.monitor, "agent": agent, "home": self.store.uri}), self.store)
         except FileNotFoundError as e:  # no curated reference yet: nothing to compare with
             result = {"verdict": "no_reference", "detail": str(e)}
         except Exception as e:
             self.event(agent, None, "monitor", "failed", f"{type(e).__name__}: {e}")
             return
         verdict = result.get("verdict")
-        if verdict not in ("insufficient_data", "no_reference"):
+        if verdict not in ("insufficient_data", "no_reference", "no_new_data"):
             self.event(agent, None, "monitor", str(verdict), {k: result.get(k) for k in
-                                                             ("drift_share", "event", "retrain", "episode")})
+                                                             ("drift_share", "pvalue", "event", "retrain")})
 
     def _review(self, agent: str) -> None:
         """Fill the agent's review queue from its new records (negative feedback, invalid calls, disagreement)."""

@@ -101,8 +101,9 @@ def _drift_check(cfg: DemoConfig, store: Store, client, logs: str, drift_agent: 
         # only the requests matter for drift: one token of answer keeps this quick
         client.chat.completions.create(model=drift_agent, messages=req["messages"], tools=req.get("tools"),
                                        max_tokens=1)
+    # one window of shifted traffic decides here (persistence 1); a deployment waits for 2 in a row (the default)
     shifted = check_drift(MonitorConfig(agent=drift_agent, min_window=min(10, cfg.shifted_requests),
-                                        window=cfg.shifted_requests), store)
+                                        window=cfg.shifted_requests, persistence=1), store)
     route = get_route(store, drift_agent)
     time.sleep(0.5)  # past Serve's routing cache
     print(f"{drift_agent}, shifted traffic ({shifted['n_live']} hotels/music/media requests): {shifted['verdict']} "

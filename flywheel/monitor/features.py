@@ -1,33 +1,39 @@
-"""Per-request drift features: pure functions over `MESSAGE` rows, no Evidently, no Ray.
+"""Per-request features for monitoring: pure functions over `MESSAGE` rows, no store, no Ray.
 
-    flywheel monitor --agent sgd_Flights      # drift.py turns these columns into an Evidently report
+    flywheel monitor --agent sgd_Flights      # drift.py tests these against the agent's training reference
 
-The training reference (`schema.EXAMPLE` rows) and live traffic (`schema.LOG_RECORD` rows) share the `messages`
-column, so one function featurises both. The answer (`target` for examples, `response` for live records) gives
-the tool/label mix. Features:
+Two kinds, kept apart on purpose:
 
-    text          the last user message (an Evidently text column: a domain classifier tells the two apart)
+*Input* features describe the request only, so they mean the same for a training example (`schema.EXAMPLE`) and a
+live record (`schema.LOG_RECORD`), whoever answered it. They are what input drift is tested on:
+
+    text          the last user message, PII-redacted as curation redacts the reference (embedded by drift.py)
     chars, words  its length
     n_messages    messages in the request (how deep into a conversation)
     n_tools       tools the request declares
-    oov_share     share of its words missing from the reference vocabulary (cross-fitted, see `oov_shares`)
-    answer        the answer's tool name(s), or "text" for a plain answer
+    key           the request's exact-duplicate key (curation's `dedup_key`): a retried request counts once
+
+*Quality* features describe the answer a live request got. They are reported, never counted as input drift (a
+weak student is a quality finding, not a change in what users ask):
+
+    backend       "student" | "teacher" | "other", from the record's `model` ("student:<agent>@<v>", "teacher:...")
+    invalid       why the answer is unusable (curation's reason codes: unknown_tool, bad_tool_arguments,
+                  tool_schema_violation, empty_answer, refusal), or None
+    fallback      the record says a student answer fell back to the teacher: `extra_json` {"fallback": ...} truthy
+    feedback      the user's feedback (-1 .. 1) or None
+    shadow        for shadow samples (`extra_json` {"shadow": {"model": ..., "response": <MESSAGE>}}: the other
+                  backend's answer to the same request), whether the two answers agree: {"function": bool,
+                  "exact": bool}; None without one
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Sequence
-
-import pandas as pd
-
-TEXT_COLUMNS = ["text"]
-NUMERICAL_COLUMNS = ["chars", "words", "n_messages", "n_tools", "oov_share"]
-CATEGORICAL_COLUMNS = ["answer"]
-COLUMNS = TEXT_COLUMNS + NUMERICAL_COLUMNS + CATEGORICAL_COLUMNS
+from typing import Any, Sequence
 
 _WORD = re.compile(r"[a-z0-9']+")
+MAX_TEXT_CHARS = 2000  # the text kept in the monitor's state (the embedding sees all of it)
 
 
 def words(text: str) -> list[str]:
@@ -54,6 +60,22 @@ def n_tools(tools_json: str | None) -> int:
     return len(tools) if isinstance(tools, list) else 0
 
 
+def request_key(agent: str, messages: Sequence[dict[str, Any]] | None, tools_json: str | None) -> str:
+    """Curation's exact-duplicate key of the whole request (every turn and the declared tools)."""
+    from flywheel.curate.filters import dedup_key
+
+    return dedup_key(agent, list(messages or []), tools_json or "[]")[:16]
+
+
+def input_features(messages: Sequence[dict[str, Any]] | None, tools_json: str | None = "[]",
+                   agent: str = "") -> dict[str, Any]:
+    """The input features of one request (see the module docstring); the same for EXAMPLE and LOG_RECORD rows."""
+    text = last_user_text(messages)
+    return {"text": text, "chars": len(text), "words": len(words(text)), "n_messages": len(list(messages or [])),
+            "n_tools": n_tools(tools_json), "key": request_key(agent, messages, tools_json)}
+
+
+# -- answers -------------------------------------------------------------------------------------------------------
 def answer_label(answer: dict[str, Any] | None) -> str:
     """The tool name(s) an answer calls, comma-joined and sorted; "text" for a plain answer, "none" without one."""
     if not answer:
@@ -62,47 +84,89 @@ def answer_label(answer: dict[str, Any] | None) -> str:
     return ",".join(names) if names else "text"
 
 
-def request_features(messages: Sequence[dict[str, Any]] | None, tools_json: str | None = "[]",
-                     answer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """All features of one request except `oov_share`, which needs the reference vocabulary."""
-    text = last_user_text(messages)
-    return {"text": text, "chars": len(text), "words": len(words(text)),
-            "n_messages": len(list(messages or [])), "n_tools": n_tools(tools_json),
-            "answer": answer_label(answer)}
+def answer_problem(tools_json: str | None, answer: dict[str, Any] | None) -> str | None:
+    """Why an answer is unusable, as curation's reason code, or None: a called tool that is not declared, arguments
+    that are not a JSON object or break the tool's schema, no text and no call, a refusal."""
+    from flywheel.curate import filters, quality
+
+    calls = (answer or {}).get("tool_calls") or []
+    if not calls:
+        content = ((answer or {}).get("content") or "").strip()
+        if not content:
+            return filters.R_EMPTY
+        return filters.R_REFUSAL if filters.REFUSAL_RE.match(content) else None
+    declared = filters.tool_names(tools_json)
+    for tc in calls:
+        if declared and tc.get("name") not in declared:
+            return filters.R_UNKNOWN_TOOL
+        try:
+            args = json.loads(tc.get("arguments") or "{}")
+        except ValueError:
+            return filters.R_BAD_ARGS
+        if not isinstance(args, dict):
+            return filters.R_BAD_ARGS
+        if quality.schema_violation(tools_json or "[]", tc.get("name") or "", args):
+            return filters.R_SCHEMA
+    return None
 
 
-def vocabulary(texts: Iterable[str]) -> set[str]:
-    return {w for t in texts for w in words(t)}
+def _calls(answer: dict[str, Any] | None) -> tuple[list[str], list[Any]]:
+    names, args = [], []
+    for tc in sorted((answer or {}).get("tool_calls") or [], key=lambda t: t.get("name") or ""):
+        names.append(tc.get("name") or "")
+        try:
+            args.append(json.loads(tc.get("arguments") or "{}"))
+        except ValueError:
+            args.append(tc.get("arguments"))
+    return names, args
 
 
-def oov_share(text: str, vocab: set[str]) -> float:
-    """Share of the words of `text` not in `vocab` (0.0 for a text without words)."""
-    toks = words(text)
-    return sum(w not in vocab for w in toks) / len(toks) if toks else 0.0
+def agreement(answer: dict[str, Any] | None, other: dict[str, Any] | None) -> dict[str, bool]:
+    """Whether two answers to one request agree: on the functions called ("text" for plain answers), and exactly
+    (same functions with the same arguments as JSON values; the same normalised text for plain answers)."""
+    (names_a, args_a), (names_b, args_b) = _calls(answer), _calls(other)
+    if not names_a and not names_b:
+        norm = [" ".join(((a or {}).get("content") or "").lower().split()) for a in (answer, other)]
+        return {"function": True, "exact": norm[0] == norm[1]}
+    return {"function": names_a == names_b, "exact": names_a == names_b and args_a == args_b}
 
 
-def oov_shares(reference_texts: Sequence[str], live_texts: Sequence[str]) -> tuple[list[float], list[float]]:
-    """Cross-fitted OOV shares, so reference and live rows are measured the same way.
-
-    A reference row scored against a vocabulary that contains it would always be 0. So the reference is split
-    in two folds by position; every row (reference row i, live row j) is scored against the vocabulary of the
-    fold it is *not* assigned to (i % 2, j % 2). Without drift both sides then have the same distribution.
-    """
-    folds = [vocabulary(reference_texts[k::2]) for k in (0, 1)]
-    ref = [oov_share(t, folds[1 - i % 2]) for i, t in enumerate(reference_texts)]
-    live = [oov_share(t, folds[1 - j % 2]) for j, t in enumerate(live_texts)]
-    return ref, live
+def _extra(record: dict[str, Any]) -> dict[str, Any]:
+    try:
+        extra = json.loads(record.get("extra_json") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
-def frame(rows: Sequence[dict[str, Any]], answer_key: str) -> pd.DataFrame:
-    """Feature rows (without `oov_share`) of EXAMPLE rows (answer_key="target") or LOG_RECORD rows ("response")."""
-    feats = [request_features(r.get("messages"), r.get("tools_json"), r.get(answer_key)) for r in rows]
-    return pd.DataFrame(feats, columns=[c for c in COLUMNS if c != "oov_share"])
+def backend(model: str | None) -> str:
+    kind = (model or "").split(":", 1)[0]
+    return kind if kind in ("student", "teacher") else "other"
 
 
-def feature_frames(reference_rows: Sequence[dict[str, Any]],
-                   live_rows: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(reference, live) feature frames with every column of `COLUMNS`, in that order."""
-    ref, live = frame(reference_rows, "target"), frame(live_rows, "response")
-    ref["oov_share"], live["oov_share"] = oov_shares(ref["text"].tolist(), live["text"].tolist())
-    return ref[COLUMNS], live[COLUMNS]
+def quality_features(record: dict[str, Any]) -> dict[str, Any]:
+    """The quality features of one live LOG_RECORD row (see the module docstring)."""
+    extra = _extra(record)
+    shadow = extra.get("shadow")
+    other = shadow.get("response") if isinstance(shadow, dict) else None
+    feedback = record.get("feedback")
+    return {"backend": backend(record.get("model")),
+            "invalid": answer_problem(record.get("tools_json"), record.get("response")),
+            "fallback": bool(extra.get("fallback")),
+            "feedback": float(feedback) if feedback is not None else None,
+            "shadow": agreement(record.get("response"), other) if isinstance(other, dict) else None}
+
+
+def live_features(record: dict[str, Any]) -> dict[str, Any]:
+    """Input and quality features of one live record, with its id and time (one row of the monitor's window)."""
+    feats = input_features(record.get("messages"), record.get("tools_json"), record.get("agent_id") or "")
+    feats["text"] = feats["text"][:MAX_TEXT_CHARS]
+    return {"id": record.get("record_id"), "ts": float(record.get("timestamp") or 0.0), **feats,
+            **quality_features(record)}
+
+
+def reference_features(example: dict[str, Any]) -> dict[str, Any]:
+    """Input features of one training example (`schema.EXAMPLE` row)."""
+    feats = input_features(example.get("messages"), example.get("tools_json"), example.get("agent_id") or "")
+    feats["text"] = feats["text"][:MAX_TEXT_CHARS]
+    return feats
