@@ -45,6 +45,57 @@ from flywheel.routing import STUDENT, retrain_queue, set_route
 from flywheel.storage import Store
 
 logger = logging.getLogger("flywheel.controller")
+
+
+class _Metrics:
+    """The controller's decisions as Ray metrics (set only inside Ray): cycle durations, gate outcomes, routes."""
+
+    def __init__(self):
+        self._made = None
+
+    def _make(self):
+        import ray
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        if not ray.is_initialized():
+            return None
+        if self._made is None:
+            self._made = {
+                "cycles": Counter("flywheel_cycles_total", "Controller cycles by outcome", tag_keys=("agent", "outcome")),
+                "seconds": Histogram("flywheel_cycle_seconds", "Controller cycle duration",
+                                     [60, 300, 900, 1800, 3600, 7200, 14400], tag_keys=("agent",)),
+                "gates": Counter("flywheel_gate_total", "Gate outcomes", tag_keys=("agent", "passed")),
+                "route": Gauge("flywheel_route_teacher", "1 while the agent is routed to the teacher",
+                               tag_keys=("agent",)),
+                "failures": Counter("flywheel_step_failures_total", "Failed controller steps",
+                                    tag_keys=("agent", "step")),
+            }
+        return self._made
+
+    def observe(self, event: dict, state: dict) -> None:
+        try:
+            m = self._make()
+        except Exception:  # metrics never stop the controller
+            return
+        if m is None:
+            return
+        agent, step, status = event["agent"], event["step"], event["status"]
+        if step == "cycle" and status != "started":
+            m["cycles"].inc(1, {"agent": agent, "outcome": status.split(" ")[0]})
+            started = state.get("last_started") or state.get("started")
+            if started:
+                m["seconds"].observe(max(0.0, event["at"] - float(started)), {"agent": agent})
+        elif step == "evaluate" and status == "done":
+            m["gates"].inc(1, {"agent": agent, "passed": str(bool(event["detail"].get("gate"))).lower()})
+        elif status in ("failed", "abandoned"):
+            m["failures"].inc(1, {"agent": agent, "step": step})
+        if step == "monitor" and status == "drift":
+            m["route"].set(1, {"agent": agent})
+        elif step == "promote" and status == "done":
+            m["route"].set(0, {"agent": agent})
+
+
+metrics = _Metrics()
 STEPS = ("curate", "distill", "evaluate", "promote")
 STATE, EVENTS, LEASE = "controller/state", "controller/events", "controller/lease.json"
 
@@ -91,6 +142,7 @@ class Controller:
         self.evaluate = {**_overrides(EvaluateConfig, cfg.evaluate_config), **(evaluate or {})}
         self.monitor = _overrides(MonitorConfig, cfg.monitor_config)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._seq = 0
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> list[dict]:
@@ -259,6 +311,7 @@ class Controller:
             for name in state.get("requests") or []:  # the requests this cycle answered, not newer ones
                 self.store.remove(f"queue/retrain/{name}")
         self.save(agent, {"last_cycle": state["cycle"], "last_outcome": outcome, "last_end": self.clock(),
+                          "last_started": state.get("started"),
                           "corrections_seen": self._corrections(agent), "parts_seen": self._parts(),
                           "trainings": state.get("trainings") or []})
         self.event(agent, state["cycle"], "cycle", outcome, {k: v for k, v in state["done"].items()})
@@ -337,11 +390,12 @@ class Controller:
                 if n.endswith(".json")}
 
     def event(self, agent: str, cycle: str | None, step: str, status: str, detail: Any = None) -> dict:
-        at = self.clock()
-        record = {"agent": agent, "cycle": cycle, "step": step, "status": status, "at": at, "detail": detail,
-                  "controller": self.id}
+        at, self._seq = self.clock(), self._seq + 1
+        record = {"agent": agent, "cycle": cycle, "step": step, "status": status, "at": at, "seq": self._seq,
+                  "detail": detail, "controller": self.id}
         self.store.write_json(f"{EVENTS}/{agent}-{int(at * 1000):015d}-{uuid.uuid4().hex[:4]}-{step}.json", record)
         logger.info("%s %s %s: %s", agent, step, status, detail)
+        metrics.observe(record, self.state(agent))
         return record
 
     def _take_lease(self) -> bool:
@@ -373,7 +427,7 @@ def events(store: Store, agent: str | None = None) -> list[dict]:
     """The controller's decisions, oldest first (of one agent, or all)."""
     names = [n for n in store.list(EVENTS) if n.endswith(".json") and (agent is None or n.startswith(f"{agent}-"))]
     rows = [store.read_json(f"{EVENTS}/{n}") for n in names]
-    return sorted((r for r in rows if r), key=lambda r: r["at"])
+    return sorted((r for r in rows if r), key=lambda r: (r["at"], r.get("seq", 0)))
 
 
 def _overrides(cls: type, path: str) -> dict:
