@@ -1,7 +1,7 @@
 """Drift monitor bench: false alarms on in-distribution traffic, detection rate and delay after a real shift.
 
     .venv/bin/python bench/drift.py                                    # SGD agents (+ banking77 when shipped)
-    .venv/bin/python bench/drift.py --banking77 ../shared/data/banking77 --trials 3
+    .venv/bin/python bench/drift.py --banking77 DIR --trials 3     # DIR: a folder with the banking77 CSVs
 
 No Ray, no store: the same pieces `flywheel.monitor.drift.check_drift` runs, with `MonitorConfig`'s defaults
 (window 200, stride 50, alpha 0.01 with Holm over 5 tests, 999 permutations, persistence 2, clear after 3; the

@@ -1,4 +1,4 @@
-"""Curation quality filters (issue 3): PII redaction (regex + Presidio), toxicity, tool-call schema, length
+"""Curation quality filters: PII redaction (regex + Presidio), toxicity, tool-call schema, length
 bounds, near-duplicates across batches, rare-label strata and the per-agent cap. Pure functions, no Ray.
 
 Every test runs with the network cut (sockets refuse to connect): Presidio, spaCy and tldextract must work

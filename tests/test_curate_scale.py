@@ -1,4 +1,4 @@
-"""Curation at scale (issue 3): validation with reason codes, crash safety, S3, incremental versions, the card.
+"""Curation at scale: validation with reason codes, crash safety, S3, incremental versions, the card.
 
     .venv/bin/python -m pytest tests/test_curate_scale.py -q
 

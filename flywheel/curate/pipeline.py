@@ -60,7 +60,7 @@ CLEAN = pa.schema([
     ("tools_json", pa.string()), ("target", MESSAGE), ("label", pa.string()), ("task", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()), ("dedup_key", pa.string()), ("pii", pa.string()),
     ("source", pa.string()),
-    ("minhash", pa.binary()),  # issue 3 (quality): near_dup.signature of the redacted request
+    ("minhash", pa.binary()),  # near_dup.signature of the redacted request (near-duplicate search)
     ("priority", pa.int64()),  # extra_json.priority: review labels 1, other records 0 (filters.review_marks)
     ("review_json", pa.string()),  # a review label's extra_json (its lineage), verbatim; null for other records
 ])
@@ -301,10 +301,10 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     # what people said, before duplicates: a replaced original must not win over its label, or block it
     filters.set_aside_reviewed(rows, review.superseded, review.negative, review.labels)
     n_dup = filters.mark_duplicates(rows)
-    # --- issue 3 (quality): near-duplicates across the agent's whole history, then the label-balanced cap ---
+    # --- near-duplicates across the agent's whole history, then the label-balanced cap ---
     filters.mark_near_duplicates(rows, cfg.near_dup_threshold)
     filters.cap_examples(rows, cfg.max_examples_per_agent, cfg.seed)
-    # --- end issue 3 ---
+    # --- end of near-duplicates and cap ---
     kept = [r for r in rows if r["reason"] is None]
     filters.settle_task(kept)
     for r in carried:
