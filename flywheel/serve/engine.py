@@ -69,7 +69,7 @@ class Engine(Protocol):
     def run_batch(self, rows: list[Row]) -> list[Generation]: ...
 
     def generate(self, prompts: list[list[dict]], adapters: list[str | None],
-                 max_new_tokens: int = 128) -> list[Generation]: ...
+                 max_new_tokens: int = 128, constraints: list[dict | None] | None = None) -> list[Generation]: ...
 
 
 def _auto_dtype(device: str):
@@ -115,6 +115,7 @@ class HFEngine:
         self._peft = None
         self._loaded: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._compiler = None
 
     def adapters(self) -> list[str]:
         return list(self._loaded)
@@ -144,12 +145,24 @@ class HFEngine:
                                                   return_dict=False)
 
     def generate(self, prompts: list[list[dict]], adapters: list[str | None],
-                 max_new_tokens: int = 128) -> list[Generation]:
-        """Greedy answers for a batch (evaluation's entry point)."""
-        if len(prompts) != len(adapters):
-            raise ValueError("one adapter name (or None) per prompt")
+                 max_new_tokens: int = 128, constraints: list[dict | None] | None = None) -> list[Generation]:
+        """Greedy answers for a batch (evaluation's entry point); `constraints`: one `flywheel.serve.grammar` spec
+        (or None) per prompt, the answer decoded under it."""
+        if len(prompts) != len(adapters) or (constraints is not None and len(constraints) != len(prompts)):
+            raise ValueError("one adapter name (or None) and one constraint (or None) per prompt")
         sampling = Sampling(max_tokens=max_new_tokens)
-        return self.run_batch([Row(p, a, sampling) for p, a in zip(prompts, adapters)])
+        grammars = [self.grammar(c) for c in constraints] if constraints is not None else [None] * len(prompts)
+        return self.run_batch([Row(p, a, sampling, grammar=g) for p, a, g in zip(prompts, adapters, grammars)])
+
+    def grammar(self, spec: dict | None) -> Any:
+        """A constraint spec compiled for this engine's tokenizer (compiler built on first use), or None."""
+        if spec is None:
+            return None
+        if self._compiler is None:
+            from flywheel.serve.grammar import GrammarCompiler
+
+            self._compiler = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
+        return self._compiler.compile(spec)
 
     def run_batch(self, rows: list[Row]) -> list[Generation]:
         """Decode every row under its own adapter, sampling, grammar and stop strings; stream through `on_text`."""
