@@ -9,7 +9,7 @@
     flywheel serve --port 8000                              flywheel monitor --agent sgd_Flights
     flywheel demo
 
-Every config field is a flag (`--eval-fraction 0.25`, true/false fields are switches: `--force`, `--no-incremental`);
+Every config field is a flag (`--test-fraction 0.25`, true/false fields are switches: `--force`, `--no-incremental`);
 its help (`flywheel curate --help`) is the field's comment in the config class, with its default. `--config
 FILE.yaml` loads a job file first (flags win). stdout carries only the result: one JSON object with `--json`
 (indented without it; the demo prints its tables); progress, Ray's and Tune's output go to stderr. Errors print one

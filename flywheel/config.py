@@ -12,6 +12,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,14 +69,33 @@ class IngestConfig:
             raise ConfigError(f"max_line_bytes: must be >= 1, got {self.max_line_bytes}")
 
 
+def _deprecated_alias(cfg: Any, old: str, new: str, unset: Any) -> None:
+    """A value given under a field's deprecated name moves to its new name (with a DeprecationWarning); the old
+    field goes back to `unset`, so both spellings make the same config. Both names with different values: error."""
+    value = getattr(cfg, old)
+    if value == unset:
+        return
+    default = type(cfg).__dataclass_fields__[new].default
+    if getattr(cfg, new) not in (default, value):
+        raise ConfigError(f"{old}: the deprecated name of {new}; give only {new} (got {old}={value!r} and "
+                          f"{new}={getattr(cfg, new)!r})")
+    warnings.warn(f"{type(cfg).__name__}.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=4)
+    object.__setattr__(cfg, new, value)
+    object.__setattr__(cfg, old, unset)
+
+
 @dataclass(frozen=True)
 class CurateConfig:
     """`flywheel curate`: logs -> validated, redacted, deduplicated, split dataset versions per agent."""
 
     home: str = ""
     agents: tuple[str, ...] = ()  # empty: every agent in the logs
-    eval_fraction: float = 0.2
-    min_eval_per_label: int = 1
+    # the split, by session and stratified by label: train / validation (selection) / test (the gate, the figures)
+    validation_fraction: float = 0.1  # share held out for selection: sweeps, early stopping (0: no validation split)
+    test_fraction: float = 0.2  # share held out for the gate and every reported figure
+    min_held_out_per_label: int = 1  # at least this many of a label's rows in test (and validation), sessions allowing
+    eval_fraction: float = 0.0  # deprecated name of test_fraction (0: not given)
+    min_eval_per_label: int = -1  # deprecated name of min_held_out_per_label (-1: not given)
     min_examples: int = 4  # an agent with fewer kept examples gets no dataset version
     max_record_bytes: int = 256_000
     seed: int = 0
@@ -101,8 +121,14 @@ class CurateConfig:
     def __post_init__(self):
         check_ids(self, "agents")
         check_ids(self, "presidio_agents", allow=("*",))
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        _deprecated_alias(self, "eval_fraction", "test_fraction", unset=0.0)
+        _deprecated_alias(self, "min_eval_per_label", "min_held_out_per_label", unset=-1)
+        if not 0.0 < self.test_fraction < 1.0 or not 0.0 <= self.validation_fraction < 1.0 or \
+                self.test_fraction + self.validation_fraction >= 1.0:
+            raise ConfigError(f"test_fraction, validation_fraction: test in (0, 1), validation in [0, 1), together "
+                              f"below 1 (train keeps the rest), got {self.test_fraction}, {self.validation_fraction}")
+        if self.min_held_out_per_label < 0:
+            raise ConfigError(f"min_held_out_per_label: must be >= 0, got {self.min_held_out_per_label}")
         if self.batch_size < 1 or self.write_batch_rows < 1:
             raise ConfigError(f"batch_size, write_batch_rows: must be >= 1, got {self.batch_size}, "
                               f"{self.write_batch_rows}")
@@ -136,7 +162,7 @@ class DistillConfig:
     dataset_version: str = "latest"
     base_model: str = field(default_factory=default_student_path)
     run_name: str = ""  # default: <agent>-<dataset_version>; the same name resumes
-    num_workers: int = 2
+    num_workers: int = 2  # 0: in this process (Ray Train's local mode: no Ray, no restarts; tests, debugging)
     epochs: float = 1.0
     max_steps: int = 0  # >0 caps optimizer steps (demo, tests)
     batch_size: int = 4  # per worker
@@ -147,7 +173,7 @@ class DistillConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     max_length: int = 768
     max_history: int = 10
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
     checkpoint_every: int = 0  # steps; 0: once per epoch and at the end
     seed: int = 0
     threads_per_worker: int = 1
@@ -161,11 +187,32 @@ class DistillConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     inject_failure_at_step: int = 0  # fault drill: the last worker exits once when it reaches this step
     tracking_uri: str = ""  # MLflow; empty: $MLFLOW_TRACKING_URI, else file://<home>/mlruns; "off": no tracking
+    # what to train on, and from where
+    datasets: tuple[str, ...] = ()  # several agents' train splits ("agent" or "agent@version"); empty: agent's own
+    max_examples: int = 0  # >0: at most this many training examples, shared equally by the datasets
+    init_adapter: str = ""  # a PEFT adapter folder or a registry entry "agent@version" to start from (same r, modules)
+    # early stopping on the validation split's loss (the registered adapter is the one with the lowest)
+    validation_every: int = 0  # optimizer steps between validation-loss checks; 0: off
+    early_stopping_patience: int = 0  # stop after this many checks without a lower loss; 0: never stop early
+    validation_max_examples: int = 128  # the validation loss reads at most this many (0: all), shared by workers
 
     def __post_init__(self):
         if not self.agent:
             raise ConfigError("agent: name the agent to distill (e.g. --agent sgd_Flights)")
         check_ids(self, "agent", "dataset_version", "run_name")
+        for entry in self.datasets:
+            agent, _, version = entry.partition("@")
+            try:
+                check_id("agent id", agent)
+                check_id("dataset version", version or "latest")
+            except InvalidId as e:
+                raise ConfigError(f"datasets: {entry!r}: {e}; give 'agent' or 'agent@version'") from None
+        for key in ("max_examples", "validation_every", "early_stopping_patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.early_stopping_patience and not self.validation_every:
+            raise ConfigError("early_stopping_patience: needs validation_every > 0 (how often the validation loss "
+                              "is checked)")
         if self.strategy not in ("ddp", "deepspeed"):
             raise ConfigError(f"strategy: 'ddp' or 'deepspeed', got {self.strategy!r}")
         if self.zero_stage not in (1, 2, 3):
@@ -175,8 +222,9 @@ class DistillConfig:
         if not 0.0 <= self.kd_weight <= 1.0 or self.kd_temperature <= 0:
             raise ConfigError(f"kd_weight must be in [0, 1] and kd_temperature > 0, got {self.kd_weight}, "
                               f"{self.kd_temperature}")
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.num_workers < 0 or (self.num_workers == 0 and self.strategy == "deepspeed"):
+            raise ConfigError(f"num_workers: must be >= 1 (0, in this process, only with strategy ddp), got "
+                              f"{self.num_workers}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs or max_steps must be > 0")
 
@@ -185,9 +233,10 @@ class DistillConfig:
 class SweepConfig:
     """`flywheel sweep`: Ray Tune (ASHA) over LoRA rank/alpha/dropout, learning rate, target modules and epochs.
 
-    Each trial is a Ray Train run (`flywheel distill`'s loop); each of its checkpoints is scored on the agent's eval
-    split and the score is what Tune compares. The best trial's adapter is registered as a new version (a
-    candidate: `flywheel evaluate` gates and promotes it). The same `name` resumes an interrupted sweep.
+    Each trial is a Ray Train run (`flywheel distill`'s loop); each of its checkpoints is scored on the agent's
+    validation split and the score is what Tune compares (the test split is left to `flywheel evaluate`). The best
+    trial's adapter is registered as a new version (a candidate: `flywheel evaluate` gates and promotes it). The
+    same `name` resumes an interrupted sweep.
     """
 
     agent: str = ""
@@ -217,10 +266,10 @@ class SweepConfig:
     max_steps: int = 0  # >0 caps every trial's optimizer steps (tests, smoke runs)
     max_length: int = 768
     max_history: int = 10
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of every epoch
-    # each evaluation: generation on the eval split (as `flywheel evaluate` prompts) + the loss of the teacher's answers
-    eval_examples: int = 0  # 0: the whole eval split
+    # each evaluation: generation on the validation split (as `flywheel evaluate` prompts) + the teacher answers' loss
+    eval_examples: int = 0  # 0: the whole validation split
     max_new_tokens: int = 128
     eval_batch_size: int = 8
     # placement, registration, tracking
@@ -262,7 +311,7 @@ class SweepConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     """`flywheel evaluate`: score the candidate against the teacher, the base student (plain and with in-context
-    examples) and production on the eval split, with bootstrap intervals, latency and cost; then the gate."""
+    examples from train) and production on the test split, with bootstrap intervals, latency and cost; the gate."""
 
     agent: str = ""
     home: str = ""
@@ -271,19 +320,20 @@ class EvaluateConfig:
     adapter_version: str = "latest"  # a registry version, or "latest" candidate
     max_new_tokens: int = 128
     batch_size: int = 8
-    max_examples: int = 0  # 0: the whole eval split
+    max_examples: int = 0  # 0: the whole test split
     max_history: int = 10
     # the gate (flywheel/evaluate/gate.py)
     min_share_of_teacher: float = 0.9  # candidate's lower 95% bound >= share * teacher metric
     max_regression: float = 0.0  # candidate point >= production's lower 95% bound - this
     min_examples: int = 10  # the gate fails closed below this many scored examples
     promote: bool = False  # promote when the gate passes
-    # confidence intervals: percentile bootstrap over eval examples
+    # confidence intervals: percentile bootstrap over test examples
     n_boot: int = 1000
     ci_level: float = 0.95
     seed: int = 0
     # the in-context baseline: base student + k nearest train examples (0: skip it)
     in_context_k: int = 3
+    constrained: bool = True  # also score the candidate decoded under each example's tool-call grammar
     embedding_model: str = ""  # a local sentence-transformers folder; empty: the bundled all-MiniLM-L6-v2
     max_prompt_tokens: int = 2048  # in-context prompts are trimmed to fit
     # cost per 1k requests (illustrative defaults: set your own prices)
@@ -321,6 +371,28 @@ class EvaluateConfig:
             raise ConfigError(f"judge_url: an http(s) URL of an OpenAI-compatible API (.../v1), got {self.judge_url!r}")
 
 
+def _check_serve_scaling(cfg: Any) -> None:
+    """`ConfigError` naming the key for a ServeConfig engine or autoscaling value that cannot work."""
+    if cfg.engine not in ("auto", "hf", "vllm"):
+        raise ConfigError(f"engine: must be auto, hf or vllm, got {cfg.engine!r}")
+    for role, lowest in (("ingress", 1), ("student", 0), ("teacher", 0)):
+        lo, hi = getattr(cfg, f"{role}_min_replicas"), getattr(cfg, f"{role}_max_replicas")
+        if not lowest <= lo <= hi or hi < 1:
+            raise ConfigError(f"{role}_min_replicas, {role}_max_replicas: need {lowest} <= min <= max and max >= 1, "
+                              f"got {lo}, {hi}")
+    for key in ("ingress_target_ongoing_requests", "teacher_target_ongoing_requests", "student_latency_s",
+                "teacher_latency_s", "autoscale_look_back_s", "autoscale_metrics_interval_s", "traffic_window_s"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)}")
+    for key in ("student_target_ongoing_requests", "teacher_replica_cpus", "upscale_delay_s",
+                "teacher_upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s", "num_replicas"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
+    for key in ("teacher_max_ongoing_requests", "autoscale_top_agents"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """`flywheel serve`: the OpenAI-compatible Ray Serve app."""
@@ -332,14 +404,17 @@ class ServeConfig:
     teacher_url: str = ""  # an OpenAI-compatible base URL (.../v1); empty: no teacher
     teacher_model: str = ""  # model name sent to the teacher; empty: the agent id
     teacher_api_key_env: str = "FLYWHEEL_TEACHER_API_KEY"
-    max_adapters_per_replica: int = 64
-    num_replicas: int = 1
+    max_adapters_per_replica: int = 64  # adapters a replica holds (Serve routes their agents to it): slots + disk
+    max_resident_adapters: int = 16  # LoRA slots per replica: adapters one forward pass can mix (LRU)
+    max_adapter_rank: int = 64  # the largest LoRA rank a slot takes (memory grows with the largest rank loaded)
+    adapter_cache_dir: str = ""  # node-local copies of s3:// adapters, shared by replicas; "": <tmp>/flywheel-adapters
+    num_replicas: int = 0  # >0: exactly this many student replicas (no scaling); 0: student_min/max_replicas
     replica_cpus: float = 1.0
     max_new_tokens: int = 256
     max_history: int = 10
     max_batch_size: int = 8
     batch_wait_s: float = 0.01  # how long a batch waits to fill (mixes agents)
-    routing_ttl_s: float = 2.0
+    routing_ttl_s: float = 2.0  # the Serve catalog (agents, routes, production versions) is at most this old
     teacher_timeout_s: float = 60.0
     blocking: bool = True  # CLI: keep serving until Ctrl-C
     # auth: "auto" = API keys required once any key exists (loopback only without keys), "keys" = always, "off"
@@ -357,12 +432,38 @@ class ServeConfig:
     retry_after_s: int = 1  # the Retry-After of a 503 (overload)
     metrics_per_agent: bool = True  # agent tag on Ray metrics; off for very many agents
     wal_seal_age_s: float = 5.0  # the open WAL segment is sealed (compactable) after this; also on shutdown
+    # the student's engine: hf (transformers, batched LoRA slots, CPU or GPU), vllm (vLLM multi-LoRA; needs the
+    # vllm package in the replicas' environment), auto (vllm on a GPU node that has vllm, else hf)
+    engine: str = "auto"
+    # autoscaling (flywheel/serve/autoscale.py): every deployment scales between its min and max replicas
+    ingress_min_replicas: int = 1
+    ingress_max_replicas: int = 4
+    ingress_target_ongoing_requests: float = 64.0  # requests in flight per Ingress replica Serve aims for
+    student_min_replicas: int = 1  # 0: scale to zero when idle; the next request then waits for a cold start
+    student_max_replicas: int = 4
+    student_target_ongoing_requests: float = 0.0  # 0: 2 x max_batch_size (one batch decoding, one filling)
+    student_latency_s: float = 1.0  # assumed student answer time until measured (capacity = target / latency)
+    teacher_min_replicas: int = 1  # the TeacherProxy deployment (0: none while no agent is routed to the teacher)
+    teacher_max_replicas: int = 8
+    teacher_target_ongoing_requests: float = 16.0
+    teacher_max_ongoing_requests: int = 64  # per TeacherProxy replica
+    teacher_replica_cpus: float = 0.1  # the proxy waits on HTTP: a sliver of a CPU
+    teacher_latency_s: float = 2.0  # assumed teacher answer time until measured
+    upscale_delay_s: float = 10.0  # the Ingress and the student add replicas after wanting them this long
+    teacher_upscale_delay_s: float = 1.0  # the teacher proxy follows a drift route almost at once
+    downscale_delay_s: float = 300.0  # the cool-down before a deployment gives replicas back
+    downscale_to_zero_delay_s: float = 900.0  # before the student's last replica goes (student_min_replicas: 0)
+    autoscale_look_back_s: float = 30.0  # Serve averages ongoing requests over this
+    autoscale_metrics_interval_s: float = 10.0  # replicas push their figures to the Serve controller this often
+    traffic_window_s: float = 60.0  # per-agent request rates and traffic shares are counted over this
+    autoscale_top_agents: int = 32  # the busiest agents are reported to the policy one by one, the rest together
 
     def __post_init__(self):
         if self.auth not in ("auto", "keys", "off"):
             raise ConfigError(f"auth: must be auto, keys or off, got {self.auth!r}")
+        _check_serve_scaling(self)
         for key in ("max_body_bytes", "max_tokens_limit", "max_new_tokens", "max_batch_size", "port",
-                    "max_ongoing_requests"):
+                    "max_ongoing_requests", "max_resident_adapters", "max_adapter_rank"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_new_tokens > self.max_tokens_limit:

@@ -122,7 +122,8 @@ def demo(cfg: DemoConfig) -> dict:
     from openai import OpenAI
 
     from flywheel.capture.store import ingest_file
-    from flywheel.curate.pipeline import curate, read_split
+    from flywheel.curate.pipeline import curate
+    from flywheel.datasets import SPLITS, TEST, read_split
     from flywheel.distill.train import distill
     from flywheel.evaluate.run import evaluate
     from flywheel.raycluster import connect_ray
@@ -156,10 +157,10 @@ def demo(cfg: DemoConfig) -> dict:
     t = time.time()
     manifests = curate(CurateConfig(agents=cfg.agents), store)
     timings["curate"] = time.time() - t
-    print(table([[a, m["version"], m["counts"]["in"], m["counts"]["train"], m["counts"]["eval"],
+    print(table([[a, m["version"], m["counts"]["in"], *(m["counts"][s] for s in SPLITS),
                   m["counts"]["quarantined"], json.dumps(m["reasons"]) or "{}", json.dumps(m["pii"])]
                  for a, m in manifests.items()],
-                ["agent", "version", "in", "train", "eval", "quarantined", "reasons", "pii redacted"]))
+                ["agent", "version", "in", *SPLITS, "quarantined", "reasons", "pii redacted"]))
 
     say(f"3/7 distill a LoRA adapter per agent on Ray Train (2 workers, {cfg.max_steps} steps)")
     trained = {}
@@ -210,9 +211,9 @@ def demo(cfg: DemoConfig) -> dict:
             print(f"{agent}: not promoted (the gate failed), so Serve sends it to the teacher; none is configured "
                   "in the demo: train longer (--max-steps) to see its student answer")
             continue
-        version = read_split(store, agent, reports[agent]["dataset_version"], "eval").to_pylist()
+        held_out = read_split(store, agent, reports[agent]["dataset_version"], TEST).to_pylist()
         ok = 0
-        for i, ex in enumerate(version[:cfg.live_requests]):
+        for i, ex in enumerate(held_out[:cfg.live_requests]):
             msgs = [to_openai_message(m) for m in ex["messages"]]
             resp = client.chat.completions.create(model=agent, messages=msgs, tools=json.loads(ex["tools_json"]),
                                                   max_tokens=96)

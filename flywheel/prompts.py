@@ -1,6 +1,7 @@
 """How an agent's request becomes the student's prompt, and how the student's text becomes an OpenAI answer.
 
-Shared by distillation (targets), evaluation and serving, so the student is always asked the way it was taught.
+Shared by distillation (targets), sweeps, evaluation and serving, so the student is always asked the way it was
+taught: every stage renders a curated example with `prompt_turns` and a live request with `chat_messages`.
 
 - Tools are rendered compactly in the system turn, one per line: `name(arg*, arg [a|b] =default) - description`
   (`*` = required). That is ~470 tokens per SGD prompt instead of 700+ for raw JSON schemas.
@@ -83,6 +84,11 @@ def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10
     if system:
         turns.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
     return turns
+
+
+def prompt_turns(example: dict, max_history: int = 10) -> list[dict]:
+    """A curated example (schema.EXAMPLE row: messages + tools_json) -> the student's chat turns."""
+    return chat_messages(example["messages"], json.loads(example.get("tools_json") or "[]"), max_history)
 
 
 def parse_answer(text: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The Arrow schemas that are the contracts between the stages of the loop.
 
 A *log record* is one request an agent made and the answer that served it (capture -> curate).
-A *curated example* is one cleaned, redacted, split training/eval example (curate -> distill/evaluate).
+A *curated example* is one cleaned, redacted example in one split: train (distill), validation (selection: sweeps,
+early stopping) or test (the gate, evaluation figures); read through `flywheel.datasets`.
 A *quarantined record* is anything that could not become a log record or an example, with the reason.
 
 Messages and the answer are typed nested columns. Tool declarations (`tools_json`) and tool-call
@@ -65,7 +66,7 @@ EXAMPLE = pa.schema(
         ("target", MESSAGE),  # the teacher's answer the student learns
         ("label", pa.string()),  # tool name(s) for tool calls, the class for classifiers, "text" otherwise
         ("task", pa.string()),  # "tool_call" | "classification" | "text"
-        ("split", pa.string()),  # "train" | "eval"
+        ("split", pa.string()),  # "train" | "validation" | "test" (versions before the three-way split: "eval")
     ]
 )
 

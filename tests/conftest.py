@@ -27,6 +27,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real student or whole-loop tests (run in CI)")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "extended: a heavier variant of a path another test covers; `make test-all` "
+                                       "runs it, `make test` leaves it out to stay within CI's time")
 
 
 def pytest_collection_modifyitems(config, items):

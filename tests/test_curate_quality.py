@@ -216,19 +216,23 @@ def test_near_duplicate_keeps_the_earliest_even_when_it_arrives_in_a_later_batch
 
 
 # --- split and cap ---------------------------------------------------------------------------------------
-def test_rare_labels_are_stratified_together_and_eval_labels_are_seen_in_training():
+def test_rare_labels_are_stratified_together_and_held_out_labels_are_seen_in_training():
     rows = [{"record_id": f"a{i}", "session_id": f"sa{i // 2}", "label": "A"} for i in range(40)]
     rows += [{"record_id": f"r{i}", "session_id": f"sr{i}", "label": f"R{i // 2}"} for i in range(20)]
-    grouped = F.split_groups(rows, 0.2, 1, seed=0, min_label_count=5)
-    per_label = F.split_groups(rows, 0.2, 1, seed=0, min_label_count=0)
-    rare_eval = [r for r in rows if r["label"] != "A" and grouped[r["session_id"]] == "eval"]
-    assert len(rare_eval) == 4  # 20% of the 20 rare rows, as one stratum
-    assert sum(1 for r in rows if r["label"] != "A" and per_label[r["session_id"]] == "eval") == 10  # 1 per label
+    grouped = F.split_groups(rows, 0.1, 0.2, 1, seed=0, min_label_count=5)
+    per_label = F.split_groups(rows, 0.1, 0.2, 1, seed=0, min_label_count=0)
+
+    def held(split, assign, rare=True):
+        return [r for r in rows if (r["label"] != "A") == rare and assign[r["session_id"]] == split]
+
+    assert len(held("test", grouped)) == 4 and len(held("validation", grouped)) == 2  # 20% / 10% of the 20 rare rows
+    # per label (2 rows, 2 sessions each): one session goes to test, the other stays in train
+    assert len(held("test", per_label)) == 10 and not held("validation", per_label)
     train_labels = {r["label"] for r in rows if grouped[r["session_id"]] == "train"}
-    assert {r["label"] for r in rare_eval} <= train_labels
-    assert sum(1 for r in rows if r["label"] == "A" and grouped[r["session_id"]] == "eval") == 8
-    assert grouped == F.split_groups(rows, 0.2, 1, seed=0, min_label_count=5)
-    assert F.split_groups(rows, 0.2, 1, seed=0, pinned={"sr0": "eval", "sa0": "train"})["sr0"] == "eval"
+    assert {r["label"] for r in held("test", grouped) + held("validation", grouped)} <= train_labels
+    assert len(held("test", grouped, rare=False)) == 8 and len(held("validation", grouped, rare=False)) == 4
+    assert grouped == F.split_groups(rows, 0.1, 0.2, 1, seed=0, min_label_count=5)
+    assert F.split_groups(rows, 0.1, 0.2, 1, seed=0, pinned={"sr0": "test", "sa0": "train"})["sr0"] == "test"
 
 
 def test_cap_is_label_balanced_and_deterministic():

@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from flywheel.capture.store import LogStore
 from flywheel.config import CurateConfig
 from flywheel.curate import filters as F
-from flywheel.curate.pipeline import curate, read_split
+from flywheel.curate.pipeline import curate
 from flywheel.curate.reviewed import read_review
+from flywheel.datasets import SPLITS, read_split
 from flywheel.review import approve, correct, fill_queue, list_items, record_feedback
 from flywheel.schema import message
 from flywheel.storage import Store
@@ -167,9 +168,8 @@ def test_curate_trains_on_the_label_and_quarantines_what_it_replaces(ray_session
 
     v2 = curate(CurateConfig(agents=(AGENT,)), store)[AGENT]
     assert v2["lineage"]["incremental"] and v2["lineage"]["previous"] == v1["version"]
-    train = read_split(store, AGENT, v2["version"], "train").to_pylist()
-    evals = read_split(store, AGENT, v2["version"], "eval").to_pylist()
-    labels = [r for r in train + evals if r["record_id"].startswith("review-")]
+    rows = [r for split in SPLITS for r in read_split(store, AGENT, v2["version"], split).to_pylist()]
+    labels = [r for r in rows if r["record_id"].startswith("review-")]
     assert len(labels) == 1 and labels[0]["split"] == "train"  # the original's session is pinned to train
     assert json.loads(labels[0]["target"]["tool_calls"][0]["arguments"]) == {"origin": "San Francisco",
                                                                             "destination": "Boston"}
@@ -179,7 +179,7 @@ def test_curate_trains_on_the_label_and_quarantines_what_it_replaces(ray_session
     assert quarantine[down]["reason"] == "negative_feedback"
     assert quarantine["copy"]["reason"] == "duplicate" and labels[0]["record_id"] in quarantine["copy"]["detail"]
     c = v2["counts"]
-    assert c["in"] == c["kept"] + c["quarantined"] == 14 and c["kept"] == c["train"] + c["eval"] == 11
+    assert c["in"] == c["kept"] + c["quarantined"] == 14 and c["kept"] == sum(c[s] for s in SPLITS) == 11
     assert c["review_labels"] == 1 and v2["reasons"] == {"duplicate": 1, "negative_feedback": 1, "reviewed": 1}
     assert v2["stages"]["decide"]["reasons"] == v2["reasons"]  # decided now, on carried rows too
     review = v2["lineage"]["review"]

@@ -20,7 +20,8 @@ import pytest
 from flywheel.capture import ingest as I
 from flywheel.capture.store import LogStore, ingest_file
 from flywheel.config import CurateConfig
-from flywheel.curate.pipeline import FAULT_EXIT, curate, read_split
+from flywheel.curate.pipeline import FAULT_EXIT, curate
+from flywheel.datasets import SPLITS, read_split
 from flywheel.storage import Store
 
 from conftest import REPO, SGD_LOGS, moto_s3
@@ -42,7 +43,7 @@ def write_lines(path, lines) -> str:
 
 
 def version_ids(store: Store, agent: str, version: str) -> dict[str, set[str]]:
-    out = {s: set(read_split(store, agent, version, s).column("record_id").to_pylist()) for s in ("train", "eval")}
+    out = {s: set(read_split(store, agent, version, s).column("record_id").to_pylist()) for s in SPLITS}
     with store.open(f"datasets/{agent}/{version}/quarantine.parquet") as f:
         out["quarantine"] = set(pq.read_table(f).column("record_id").to_pylist())
     return out
@@ -114,7 +115,7 @@ def test_every_bad_line_is_quarantined_with_its_reason_and_no_valid_record_is_lo
 
     m = curate(CurateConfig(agents=("sgd_Flights",)), store)["sgd_Flights"]
     c = m["counts"]
-    assert c["in"] == len(good) == c["kept"] + c["quarantined"] and c["kept"] == c["train"] + c["eval"]
+    assert c["in"] == len(good) == c["kept"] + c["quarantined"] and c["kept"] == sum(c[s] for s in SPLITS)
     ids = version_ids(store, "sgd_Flights", m["version"])
     assert set().union(*ids.values()) == set(records.column("record_id").to_pylist())  # no valid record lost
     assert m["stages"]["ingest"]["reasons"][I.R_MISTYPED] == 4  # the fifth has no usable agent id
@@ -143,7 +144,7 @@ def test_a_crash_mid_write_publishes_nothing_and_the_rerun_completes(ray_session
     assert store.read_json("datasets/sgd_Flights/LATEST") == {"version": v1}
     assert store.list("datasets/sgd_Flights") == sorted(["LATEST", v1])  # no partial version visible
     (run,) = store.list("datasets/_staging")  # the dead run's staging folder: it did write everything
-    assert {"train.parquet", "eval.parquet", "keys.parquet", "manifest.json", "card.md"} <= \
+    assert {"train.parquet", "validation.parquet", "test.parquet", "keys.parquet", "manifest.json", "card.md"} <= \
         set(store.list(f"datasets/_staging/{run}/sgd_Flights"))
 
     proc = _crash(home, "after_publish")  # killed after the rename, before LATEST moved
@@ -177,8 +178,8 @@ def test_ingest_and_curation_end_to_end_through_s3(ray_session, s3_endpoint, mon
     for agent, m in ms.items():
         assert m["published"] and m["counts"]["in"] == 40
         assert store.read_json(f"datasets/{agent}/LATEST") == {"version": m["version"]}
-        for name in ("train.parquet", "eval.parquet", "keys.parquet", "manifest.json", "card.md",
-                     "class_balance.png"):
+        for name in ("train.parquet", "validation.parquet", "test.parquet", "keys.parquet", "manifest.json",
+                     "card.md", "class_balance.png"):
             assert f"home/datasets/{agent}/{m['version']}/{name}" in keys
         assert read_split(store, agent, m["version"], "train").num_rows == m["counts"]["train"]
     assert not [k for k in keys if "_staging" in k]
@@ -193,7 +194,7 @@ def test_ingest_and_curation_end_to_end_through_s3(ray_session, s3_endpoint, mon
     assert r2["counts"]["in"] == 50 and r2["lineage"]["previous"] == ms["sgd_Restaurants"]["version"]
 
 
-# -- (d) incremental: only new parts are read; old + new examples; eval sessions pinned ------------------------
+# -- (d) incremental: only new parts are read; old + new examples; held-out sessions pinned --------------------
 def test_incremental_version_reads_only_new_parts_and_keeps_old_examples(ray_session, store, tmp_path):
     agent = "sgd_Flights"
     ingest_file(store, write_lines(tmp_path / "day1.jsonl", FLIGHTS[:40]))
@@ -213,9 +214,11 @@ def test_incremental_version_reads_only_new_parts_and_keeps_old_examples(ray_ses
     assert m2["reasons"].get("duplicate", 0) == m1["reasons"].get("duplicate", 0) + 2
     assert m2["stages"]["decide"]["reasons"]["duplicate"] == 2 and not m2["stages"]["clean"]["reasons"]
     old, new = version_ids(store, agent, m1["version"]), version_ids(store, agent, m2["version"])
-    assert old["train"] <= new["train"] and old["eval"] <= new["eval"]  # old examples kept, in their split
-    assert sessions(store, agent, m1["version"], "eval") <= sessions(store, agent, m2["version"], "eval")
-    assert not sessions(store, agent, m2["version"], "eval") & sessions(store, agent, m2["version"], "train")
+    assert all(old[s] <= new[s] for s in SPLITS)  # old examples kept, in their split
+    held = {s: sessions(store, agent, m2["version"], s) for s in SPLITS}
+    for split in SPLITS:  # sessions stay put, and never straddle two splits
+        assert sessions(store, agent, m1["version"], split) <= held[split]
+        assert not any(held[split] & held[other] for other in SPLITS if other != split)
     assert m2["counts"]["in"] == sum(len(v) for v in new.values())
 
     # a full rebuild of the same logs (in-process executor, fresh home) names the same version, same examples
@@ -224,7 +227,7 @@ def test_incremental_version_reads_only_new_parts_and_keeps_old_examples(ray_ses
     full = curate(CurateConfig(agents=(agent,), incremental=False), other, executor="local")[agent]
     assert full["version"] == m2["version"] and not full["lineage"]["incremental"]
     rebuilt = version_ids(other, agent, full["version"])
-    assert rebuilt["train"] | rebuilt["eval"] == new["train"] | new["eval"]
+    assert set().union(*(rebuilt[s] for s in SPLITS)) == set().union(*(new[s] for s in SPLITS))  # the same kept
     # and nothing new: the latest version stands, no part is read
     again = curate(CurateConfig(agents=(agent,)), store)[agent]
     assert again["version"] == m2["version"] and "clean" not in again["timings_s"]

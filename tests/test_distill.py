@@ -1,6 +1,8 @@
-"""Distillation that holds up: logit distillation, DeepSpeed ZeRO on CPU, a killed worker, gradient accumulation.
+"""Distillation that holds up: logit distillation, DeepSpeed ZeRO on CPU, a killed worker, gradient accumulation;
+and the training levers: early stopping on the validation loss, an init adapter, several agents' data at once.
 
-Every run is a real Ray Train run (2 workers over gloo) on a tiny random model with the student's tokenizer.
+The first are real Ray Train runs (2 workers over gloo), the levers run in this process (Ray Train's local mode,
+`num_workers` 0, no Ray), all on a tiny random model with the student's tokenizer.
 """
 
 import math
@@ -15,6 +17,7 @@ from flywheel.config import ConfigError, CurateConfig, DistillConfig
 from flywheel.curate.pipeline import curate
 from flywheel.distill.data import answer_loss, kd_loss
 from flywheel.distill.train import distill
+from flywheel.registry.registry import Registry
 
 
 @pytest.fixture
@@ -101,7 +104,7 @@ def test_a_worker_killed_once_resumes_from_the_last_checkpoint(curated, store, t
                                                                                                    "adapter")}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.extended), 3])  # ZeRO-3 gathers too
 def test_deepspeed_zero_trains_on_cpu_with_accumulation_and_resumes(curated, store, tiny_model, stage):
     from safetensors.torch import load_file
 
@@ -124,3 +127,91 @@ def test_strategy_and_kd_settings_are_validated():
         DistillConfig(agent="a", zero_stage=4)
     with pytest.raises(ConfigError, match="kd_weight"):
         DistillConfig(agent="a", kd_weight=1.5)
+
+
+# -- in this process (Ray Train's local mode, num_workers 0): the training levers -----------------------------------
+@pytest.fixture
+def curated_here(store, sgd_sample):
+    """sgd_Flights and sgd_Restaurants (40 logs each) curated in this process: no Ray."""
+    ingest_file(store, sgd_sample)
+    return curate(CurateConfig(agents=("sgd_Flights", "sgd_Restaurants")), store, executor="local")
+
+
+def here(tiny_model: str, **kw) -> DistillConfig:
+    return small(tiny_model, num_workers=0, bf16=False, tracking_uri="off", **kw)
+
+
+def adapter_weights(store, entry: dict) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(store.path(entry["adapter"]), "adapter_model.safetensors"))
+
+
+def test_take_balanced_shares_the_cap_between_datasets():
+    from flywheel.distill.data import take_balanced
+
+    groups = {"a": [{"record_id": f"a{i}"} for i in range(50)], "b": [{"record_id": f"b{i}"} for i in range(6)]}
+    out = take_balanced(groups, 20, seed=0)
+    assert len(out) == 20 and sum(r["record_id"][0] == "b" for r in out) == 6  # b keeps all, a takes the rest
+    assert out == take_balanced(groups, 20, seed=0) and len(take_balanced(groups, 0, seed=0)) == 56
+
+
+def test_early_stopping_on_validation_loss_keeps_the_best_adapter(curated_here, store, tiny_model):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.datasets import VALIDATION, read_split
+    from flywheel.distill.data import encode, mean_answer_loss
+
+    # lr 1000 saturates the tiny model's outputs within two steps: the validation loss stops going down
+    out = distill(here(tiny_model, max_steps=8, learning_rate=1000.0, validation_every=1, early_stopping_patience=2,
+                       run_name="stop"), store)
+    history = out["validation_history"]
+    assert out["stopped_at"] == out["steps"] < 8 and len(history) == out["steps"]
+    best_step, best = min(history, key=lambda h: (h[1], h[0]))
+    assert (out["best_step"], out["validation_loss"]) == (best_step, best) and best_step < out["stopped_at"]
+    assert out["adapter_from"] == "best validation loss"
+    # the registered adapter is the best one: its validation loss is the recorded best, and it is not the last step's
+    entry = Registry(store).get("sgd_Flights", out["version"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    val = [e for e in (encode(tok, ex, 1024, 10) for ex in
+                       read_split(store, "sgd_Flights", entry["dataset_version"], VALIDATION).to_pylist()) if e]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), store.path(entry["adapter"]))
+    total, tokens = mean_answer_loss(model.eval(), val, tok.pad_token_id, 2)
+    assert total / tokens == pytest.approx(best, rel=1e-4)
+    last = load_file(store.path("checkpoints/stop/local-checkpoint/adapter/adapter_model.safetensors"))
+    registered = adapter_weights(store, entry)
+    assert registered.keys() == last.keys() and any(not torch.equal(registered[k], last[k]) for k in last)
+
+
+def test_a_shared_adapter_trains_on_several_agents_from_an_init_adapter(curated_here, store, tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    seed = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in seed.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a start no fresh adapter has (B is zero there)
+    seed.save_pretrained(str(tmp_path / "seed"))
+    Registry(store).register("seed", str(tmp_path / "seed"), {})
+    lora = {"lora_r": 4, "lora_alpha": 8, "target_modules": ("q_proj", "v_proj")}
+    with pytest.raises(ConfigError, match="init_adapter.*r=4.*lora_r=8"):  # before any training
+        distill(here(tiny_model, init_adapter="seed@v1", **{**lora, "lora_r": 8}), store)
+    with pytest.raises(ConfigError, match="init_adapter.*neither"):
+        distill(here(tiny_model, init_adapter="no-such-folder"), store)
+
+    out = distill(here(tiny_model, agent="shared", datasets=("sgd_Flights", "sgd_Restaurants@latest"),
+                       max_examples=30, init_adapter="seed@v1", learning_rate=1e-6, max_steps=1, **lora), store)
+    assert out["train_examples"] == 30 and out["version"] == "v1"
+    assert [d["agent"] for d in out["datasets"]] == ["sgd_Flights", "sgd_Restaurants"]
+    assert {d["version"] for d in out["datasets"]} == {m["version"] for m in curated_here.values()}
+    trained, start = adapter_weights(store, Registry(store).get("shared", "v1")), adapter_weights(
+        store, Registry(store).get("seed", "v1"))
+    assert trained.keys() == start.keys()
+    lora_b = [k for k in start if "lora_B" in k]
+    assert all(torch.allclose(trained[k], start[k], atol=1e-4) for k in lora_b)  # one tiny step from the seed
+    assert all(float(trained[k].abs().sum()) > 1.0 for k in lora_b)  # not a fresh zero B

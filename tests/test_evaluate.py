@@ -142,7 +142,7 @@ GOOD = {"task": "tool_call", "n_expected": 200, "candidate": system(), "teacher"
      "lower bound 0.83"),
     ({**GOOD, "teacher": system(1.0, (1, 1), 150)}, "teacher scored 150 of 200"),
     ({**GOOD, "candidate": system(n=199)}, "candidate scored 199 of 200"),
-    ({**GOOD, "n_expected": None}, "of None eval examples"),
+    ({**GOOD, "n_expected": None}, "of None test examples"),
     ({**GOOD, "production": system(0.995, (0.985, 1.0))}, "regresses production"),
     ({**GOOD, "production": system(n=100)}, "production scored 100 of 200"),
     ({**GOOD, "production": system(ci=None)}, "cannot rule out a regression"),
@@ -190,8 +190,8 @@ def test_in_context_examples_are_the_semantically_nearest():
 
 
 def test_in_context_prompt_is_trimmed_to_fit():
-    from flywheel.distill.data import prompt_turns
     from flywheel.evaluate.in_context import fit_prompt
+    from flywheel.prompts import prompt_turns
 
     history = [message("user", "hi"), message("assistant", "Hello! Where to?")]
     ex = example("A flight from Denver please", history=history)

@@ -107,7 +107,7 @@ def test_the_flywheel_turns_end_to_end(ray_session, store, tiny_model):
     manifest = second["dataset"]
     assert manifest["version"] != first["dataset"]["version"]
     assert manifest["reasons"]["student_answer"] == 41  # the student's own answers never become labels
-    labels = set(manifest["labels"]["train"]) | set(manifest["labels"]["eval"])
+    labels = {label for split in ("train", "validation", "test") for label in manifest["labels"][split]}
     assert any("Hotel" in label for label in labels)  # the teacher's answers on the new traffic are learned
     assert manifest["counts"]["in"] == manifest["counts"]["kept"] + manifest["counts"]["quarantined"]
     assert second["train"]["version"] == "v2" and second["promoted"]

@@ -8,7 +8,8 @@ import pytest
 
 from flywheel.capture.store import LogStore, ingest_file
 from flywheel.config import CurateConfig, DistillConfig, EvaluateConfig
-from flywheel.curate.pipeline import curate, read_split
+from flywheel.curate.pipeline import curate
+from flywheel.datasets import SPLITS, TEST, TRAIN, read_split
 from flywheel.registry.registry import Registry
 
 from conftest import SGD_LOGS
@@ -37,18 +38,20 @@ def test_curate_accounts_for_every_record_and_publishes_atomically(ray_session, 
     assert (ing["accepted"], ing["quarantined"]) == (33, 1)
     m = curate(CurateConfig(agents=("sgd_Flights",)), store)["sgd_Flights"]
     c = m["counts"]
-    assert c["in"] == 33 and c["in"] == c["kept"] + c["quarantined"] and c["kept"] == c["train"] + c["eval"]
+    assert c["in"] == 33 and c["in"] == c["kept"] + c["quarantined"] and c["kept"] == sum(c[s] for s in SPLITS)
+    assert all(c[s] for s in SPLITS)  # 31 kept: each split holds some
     assert m["reasons"] == {"duplicate": 1, "negative_feedback": 1}
     assert m["pii"]["EMAIL"] == 1 and m["pii"]["CARD"] == 1
     version = m["version"]
     assert store.read_json("datasets/sgd_Flights/LATEST") == {"version": version}
-    text = "".join(json.dumps(r, default=str) for s in ("train", "eval")
-                   for r in read_split(store, "sgd_Flights", version, s).to_pylist())
+    rows = {s: read_split(store, "sgd_Flights", version, s).to_pylist() for s in SPLITS}
+    text = "".join(json.dumps(r, default=str) for s in SPLITS for r in rows[s])
     assert "jane.doe@example.com" not in text and "4111 1111 1111 1111" not in text
-    train = read_split(store, "sgd_Flights", version, "train").to_pylist()
-    evals = read_split(store, "sgd_Flights", version, "eval").to_pylist()
-    assert not {r["session_id"] for r in train} & {r["session_id"] for r in evals}
-    assert {r["label"] for r in evals} <= {r["label"] for r in train}
+    sessions = {s: {r["session_id"] for r in rows[s]} for s in SPLITS}
+    assert not sessions[TRAIN] & sessions[TEST] and not sessions["validation"] & (sessions[TRAIN] | sessions[TEST])
+    repeated = {lb for lb in {r["label"] for s in SPLITS for r in rows[s]}
+                if sum(r["label"] == lb for s in SPLITS for r in rows[s]) > 1}
+    assert {r["label"] for r in rows[TEST] if r["label"] in repeated} <= {r["label"] for r in rows[TRAIN]}
     with store.open(f"datasets/sgd_Flights/{version}/quarantine.parquet") as f:
         assert sorted(pq.read_table(f).column("reason").to_pylist()) == ["duplicate", "negative_feedback"]
     assert store.list("datasets/_staging") == []
@@ -100,13 +103,15 @@ def test_evaluate_scores_gates_and_refuses_to_promote_a_bad_student(curated, sto
     rep = evaluate(EvaluateConfig(agent="sgd_Flights", base_model=tiny_model, max_new_tokens=8, promote=True,
                                   min_examples=2), store)
     assert rep["teacher"]["function_name_accuracy"] == 1.0
-    assert rep["n_expected"] == rep["candidate"]["n"] == curated["counts"]["eval"]
+    assert rep["n_expected"] == rep["candidate"]["n"] == curated["counts"]["test"] and rep["split"] == "test"
     assert rep["gate"]["passed"] is False and rep["promoted"] is False  # a random model calls no tools
     assert Registry(store).alias("sgd_Flights") is None
     assert store.exists("reports/sgd_Flights/v1/eval.md")
     assert Registry(store).get("sgd_Flights", "v1")["scores"]["gate"] is False
     # side by side, each metric with its bootstrap interval; latency and measured cost
-    assert rep["systems"] == ["teacher", "base", "base_in_context", "candidate"] and rep["in_context"]["k"] == 3
+    assert rep["systems"] == ["teacher", "base", "base_in_context", "candidate", "candidate_constrained"]
+    assert rep["in_context"]["k"] == 3 and rep["in_context"]["pool"] == curated["counts"]["train"]
+    assert rep["teacher"]["valid_call"] == 1.0 and all(0.0 <= rep[s]["valid_call"] <= 1.0 for s in rep["systems"])
     for name in rep["systems"]:
         for m in rep["metrics"]:
             lo, hi = rep[name][f"{m}_ci"]

@@ -2,8 +2,10 @@
 
 One sweep of 3 trials runs once for the module: it is interrupted (deterministically, by a callback that sends
 Tune's stop signal when the first trial completes) and then resumed with the same name. The tests check what
-survived: the finished trial is not rerun, the best trial by the eval metric is registered as a candidate with its
-hyperparameters, and the sweep and its trials are in the local MLflow store. Tracking is also tested on its own.
+survived: the finished trial is not rerun, the best trial by the validation metric is registered as a candidate with
+its hyperparameters, and the sweep and its trials are in the local MLflow store. The dataset folder is audited
+(inotify, every process) while the sweep runs: selection reads the validation split and never the test split.
+Tracking is also tested on its own.
 """
 
 import json
@@ -21,6 +23,7 @@ from flywheel.registry.registry import Registry
 from flywheel.storage import Store
 
 from conftest import SGD_LOGS
+from test_split import FileOpens
 
 try:
     from ray.tune import Callback
@@ -62,19 +65,29 @@ def swept(ray_session, tiny_model, tmp_path_factory):
         logs = root / "logs.jsonl"
         logs.write_text("".join([ln for ln in open(SGD_LOGS) if '"sgd_Flights"' in ln][:40]))
         ingest_file(store, str(logs))
-        curate(CurateConfig(agents=("sgd_Flights",), min_examples=4), store)
+        dataset = curate(CurateConfig(agents=("sgd_Flights",), min_examples=4), store)["sgd_Flights"]
         cfg = SweepConfig(agent="sgd_Flights", base_model=tiny_model, name="tiny", search="grid",
                           learning_rate=(1e-4, 1e-2, 5e-2), lora_r=(4,), lora_alpha=(8,), lora_dropout=(0.0,),
                           target_modules=("q_proj+v_proj",), epochs=(1.0,), num_samples=1, max_steps=2,
                           eval_every=1, batch_size=2, max_length=1024, eval_examples=4, max_new_tokens=4,
                           eval_batch_size=4, num_workers=1, grace_period=1, reduction_factor=2)
-        first = sweep(cfg, store, callbacks=[InterruptOnce(str(root))])
-        second = sweep(cfg, store)  # the same name: Tuner.restore
-        again = sweep(cfg, store)  # finished: the recorded summary, no Tune run
+        with FileOpens(store.path(f"datasets/sgd_Flights/{dataset['version']}")) as opened:
+            first = sweep(cfg, store, callbacks=[InterruptOnce(str(root))])
+            second = sweep(cfg, store)  # the same name: Tuner.restore
+            again = sweep(cfg, store)  # finished: the recorded summary, no Tune run
     starts = open(root / "starts.txt").read().split()
     interrupted_after = open(root / "interrupted.txt").read()
     return {"store": store, "cfg": cfg, "first": first, "second": second, "again": again, "starts": starts,
-            "interrupted_after": interrupted_after, "home": home}
+            "interrupted_after": interrupted_after, "home": home, "opened": opened.names, "dataset": dataset}
+
+
+def test_sweep_selects_on_the_validation_split_and_never_opens_the_test_split(swept):
+    # the trials' Train workers (train split) and controllers (validation split) are other processes: the audit
+    # sees their opens
+    assert {"train.parquet", "validation.parquet"} <= swept["opened"]
+    assert "test.parquet" not in swept["opened"]
+    n = swept["dataset"]["counts"]["validation"]
+    assert all(t["eval_examples"] == min(n, swept["cfg"].eval_examples) for t in swept["second"]["trials"])
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):

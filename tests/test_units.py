@@ -103,13 +103,14 @@ def test_duplicates_keep_the_earliest_record():
 
 def test_split_is_stratified_grouped_by_session_and_deterministic():
     rows = [{"record_id": f"r{i}", "session_id": f"s{i // 2}", "label": "A" if i < 40 else "B"} for i in range(50)]
-    a = F.split_groups(rows, 0.2, 1, seed=0)
-    assert a == F.split_groups(rows, 0.2, 1, seed=0)
-    eval_rows = [r for r in rows if a[r["session_id"]] == "eval"]
-    assert {r["label"] for r in eval_rows} == {"A", "B"}
-    assert 0.1 <= len(eval_rows) / len(rows) <= 0.3
-    pinned = F.split_groups(rows, 0.2, 1, seed=1, pinned={"s0": "eval"})
-    assert pinned["s0"] == "eval"
+    a = F.split_groups(rows, 0.1, 0.2, 1, seed=0)
+    assert a == F.split_groups(rows, 0.1, 0.2, 1, seed=0)
+    for split, share in (("test", 0.2), ("validation", 0.1)):
+        held = [r for r in rows if a[r["session_id"]] == split]
+        assert {r["label"] for r in held} == {"A", "B"}  # stratified: every label in each held-out split
+        assert share - 0.1 <= len(held) / len(rows) <= share + 0.1
+    pinned = F.split_groups(rows, 0.1, 0.2, 1, seed=1, pinned={"s0": "test", "s1": "validation"})
+    assert pinned["s0"] == "test" and pinned["s1"] == "validation"
 
 
 def test_short_text_answers_make_a_classifier_prose_makes_text():
@@ -185,8 +186,17 @@ def test_unknown_keys_and_bad_values_name_the_key():
         C.build(C.DistillConfig, {"agent": "a", "num_workers": "two"})
     with pytest.raises(C.ConfigError, match="agent"):
         C.build(C.DistillConfig, {})
-    cfg = C.build(C.CurateConfig, {"agents": "a,b", "eval_fraction": "0.3"})
-    assert cfg.agents == ("a", "b") and cfg.eval_fraction == 0.3
+    cfg = C.build(C.CurateConfig, {"agents": "a,b", "test_fraction": "0.3", "validation_fraction": "0.15"})
+    assert cfg.agents == ("a", "b") and (cfg.test_fraction, cfg.validation_fraction) == (0.3, 0.15)
+    # the deprecated names still load, into the new fields: both spellings make the same config
+    old = C.build(C.CurateConfig, {"agents": "a,b", "eval_fraction": "0.3", "min_eval_per_label": 2,
+                                   "validation_fraction": "0.15"})
+    assert old == C.CurateConfig(agents=("a", "b"), test_fraction=0.3, validation_fraction=0.15,
+                                 min_held_out_per_label=2)
+    with pytest.raises(C.ConfigError, match="eval_fraction.*test_fraction"):
+        C.build(C.CurateConfig, {"eval_fraction": 0.3, "test_fraction": 0.25})
+    with pytest.raises(C.ConfigError, match="test_fraction, validation_fraction"):
+        C.CurateConfig(test_fraction=0.5, validation_fraction=0.5)
 
 
 def test_every_job_yaml_loads_into_its_config():

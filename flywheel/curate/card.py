@@ -4,7 +4,8 @@
     cat $FLYWHEEL_HOME/datasets/sgd_Flights/LATEST   # then open datasets/sgd_Flights/<version>/card.md
 
 Everything on the card comes from the manifest (`render` is a pure function of it): counts per stage and reason,
-the class balance per split (a table and a bar chart), PII entities redacted, lineage and the config. The plot is
+the class balance per split (train / validation / test: a table and a stacked bar chart), PII entities redacted,
+lineage and the config. The plot is
 drawn with matplotlib's object API on the Agg canvas (headless, no global pyplot state).
 """
 
@@ -14,11 +15,13 @@ import io
 import json
 from typing import Any
 
+from flywheel.datasets import SPLITS
 from flywheel.storage import Store
 
 CARD = "card.md"
 PLOT = "class_balance.png"
 MAX_PLOT_LABELS = 30  # the most frequent labels; the table lists them all
+COLOURS = {"train": "#4C72B0", "validation": "#55A868", "test": "#DD8452"}
 
 
 def write_card(store: Store, folder: str, manifest: dict[str, Any]) -> list[str]:
@@ -42,9 +45,9 @@ def render(manifest: dict[str, Any], plot: str | None = PLOT) -> str:
     """The card's Markdown from a manifest."""
     m, c, st, lin = manifest, manifest["counts"], manifest.get("stages", {}), manifest.get("lineage", {})
     lines = [f"# Dataset card: `{m['agent']}` version `{m['version']}`", "",
-             f"Task: **{m['task']}**. {c['kept']} examples ({c['train']} train, {c['eval']} eval) from {c['in']} log "
-             f"records; {c['quarantined']} set aside with a reason. Previous version: "
-             f"`{lin.get('previous') or 'none'}` ({'incremental' if lin.get('incremental') else 'full build'}).", ""]
+             f"Task: **{m['task']}**. {c['kept']} examples ({_split_counts(c)}) from {c['in']} log records; "
+             f"{c['quarantined']} set aside with a reason. Previous version: `{lin.get('previous') or 'none'}` "
+             f"({'incremental' if lin.get('incremental') else 'full build'}).", ""]
 
     lines += ["## Counts by stage", ""]
     ing, prev, clean, decide = (st.get(k, {}) for k in ("ingest", "previous", "clean", "decide"))
@@ -62,7 +65,7 @@ def render(manifest: dict[str, Any], plot: str | None = PLOT) -> str:
     if decide:
         rows.append(["decide: review, feedback, duplicates, near-duplicates, cap", decide["in"], decide["out"],
                      decide["in"] - decide["out"]])
-    rows.append(["split", c["kept"], f"{c['train']} train / {c['eval']} eval", ""])
+    rows.append(["split (by session, stratified by label)", c["kept"], _split_counts(c, " / "), ""])
     lines += _table(["stage", "in", "out", "set aside"], rows) + [""]
 
     reason_rows = [[stage, reason, n] for stage, part in (("ingest", ing), ("clean", clean), ("decide", decide))
@@ -72,13 +75,13 @@ def render(manifest: dict[str, Any], plot: str | None = PLOT) -> str:
     lines += ["", f"All reasons in this version (carried ones included): `{json.dumps(m['reasons'], sort_keys=True)}`",
               ""]
 
-    train, evals = m["labels"].get("train", {}), m["labels"].get("eval", {})
-    labels = sorted(set(train) | set(evals), key=lambda lb: (-(train.get(lb, 0) + evals.get(lb, 0)), lb))
+    per = {s: m["labels"].get(s, {}) for s in SPLITS}
+    labels = _by_total(per)
     total = max(c["kept"], 1)
     lines += ["## Class balance", ""]
-    lines += _table(["label", "train", "eval", "total", "share"],
-                    [[f"`{lb}`", train.get(lb, 0), evals.get(lb, 0), train.get(lb, 0) + evals.get(lb, 0),
-                      f"{(train.get(lb, 0) + evals.get(lb, 0)) / total:.1%}"] for lb in labels])
+    lines += _table(["label", *SPLITS, "total", "share"],
+                    [[f"`{lb}`", *(per[s].get(lb, 0) for s in SPLITS), n, f"{n / total:.1%}"]
+                     for lb in labels for n in [sum(per[s].get(lb, 0) for s in SPLITS)]])
     lines += [""] + ([f"![class balance]({plot})", ""] if plot else ["(plot skipped: matplotlib is not installed)", ""])
 
     lines += ["## PII redacted (entities in kept examples)", ""]
@@ -99,6 +102,16 @@ def render(manifest: dict[str, Any], plot: str | None = PLOT) -> str:
     return "\n".join(lines)
 
 
+def _split_counts(counts: dict[str, Any], sep: str = ", ") -> str:
+    return sep.join(f"{counts.get(s, 0)} {s}" for s in SPLITS)
+
+
+def _by_total(per: dict[str, dict[str, int]]) -> list[str]:
+    """Labels, the most examples (all splits) first."""
+    names = set().union(*per.values())
+    return sorted(names, key=lambda lb: (-sum(p.get(lb, 0) for p in per.values()), lb))
+
+
 def _review_cell(review: dict[str, Any]) -> str:
     if not review.get("labels"):
         return "0"
@@ -107,22 +120,23 @@ def _review_cell(review: dict[str, Any]) -> str:
 
 
 def class_balance_png(labels: dict[str, dict[str, int]], title: str) -> bytes | None:
-    """A horizontal stacked bar chart (train + eval per label) as PNG bytes; None without matplotlib."""
+    """A horizontal stacked bar chart (train + validation + test per label) as PNG bytes; None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    train, evals = labels.get("train", {}), labels.get("eval", {})
-    names = sorted(set(train) | set(evals), key=lambda lb: (-(train.get(lb, 0) + evals.get(lb, 0)), lb))
+    per = {s: labels.get(s, {}) for s in SPLITS}
+    names = _by_total(per)
     shown = names[:MAX_PLOT_LABELS][::-1]  # the largest on top
     fig = Figure(figsize=(7, 1.2 + 0.3 * max(len(shown), 1)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    tr = [train.get(lb, 0) for lb in shown]
-    ev = [evals.get(lb, 0) for lb in shown]
-    ax.barh(shown, tr, label="train", color="#4C72B0")
-    ax.barh(shown, ev, left=tr, label="eval", color="#DD8452")
+    left = [0] * len(shown)
+    for split in SPLITS:
+        widths = [per[split].get(lb, 0) for lb in shown]
+        ax.barh(shown, widths, left=left, label=split, color=COLOURS[split])
+        left = [a + b for a, b in zip(left, widths)]
     more = f" (top {MAX_PLOT_LABELS} of {len(names)})" if len(names) > MAX_PLOT_LABELS else ""
     ax.set_title(f"Class balance: {title}{more}", fontsize=10)
     ax.set_xlabel("examples")

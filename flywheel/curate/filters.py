@@ -7,7 +7,7 @@ validate and label each record, score toxicity once for the batch, redact PII co
 (`flywheel.curate.pii`: regex always, Presidio for the agents that ask), then compute the exact dedup key and
 the MinHash signature (`flywheel.curate.near_dup`). Per agent, on the small key columns: what people said
 (`set_aside_reviewed`), exact duplicates, near-duplicates, classifier or free text, a label-balanced cap, the
-session-grouped stratified split.
+session-grouped stratified train/validation/test split (`split_groups`).
 
 Review labels (`flywheel.review`: a reviewer's approved or corrected answer, logged with `source="review"` and
 `extra_json.priority` 1) go first wherever records compete: duplicates and near-duplicates keep the record with
@@ -354,18 +354,22 @@ def cap_examples(rows: list[dict], max_examples: int, seed: int) -> int:
     return n
 
 
-def split_groups(rows: list[dict], eval_fraction: float, min_eval_per_label: int, seed: int,
-                 pinned: dict[str, str] | None = None,
+def split_groups(rows: list[dict], validation_fraction: float, test_fraction: float, min_held_out_per_label: int,
+                 seed: int, pinned: dict[str, str] | None = None,
                  min_label_count: int = CurateConfig.min_label_count) -> dict[str, str]:
-    """Stratified train/eval split by label, grouped by session (a conversation never spans both).
+    """Stratified train/validation/test split by label, grouped by session (a conversation is in one split).
 
     Labels with fewer than `min_label_count` rows are too small to stratify on their own: they form one stratum,
-    `__rare__` (as the NVIDIA Data Flywheel blueprint does), which takes its eval share as a whole. Strata are
-    visited smallest first; each takes sessions into eval (deterministic hash order) until its eval share reaches
-    `eval_fraction` (at least `min_eval_per_label` when it has two or more sessions). A session goes to eval only
-    if every label it holds keeps a session in train, so eval labels are always seen in training.
-    `pinned` maps sessions to a split already used by an earlier version, so eval never leaks into train.
-    Returns session -> "train" | "eval".
+    `__rare__` (as the NVIDIA Data Flywheel blueprint does), which takes its held-out shares as a whole. Strata are
+    visited smallest first; each takes sessions (in a seeded hash order) into test until its test rows reach
+    `test_fraction` of the stratum, then into validation until those reach `validation_fraction`; each at least
+    `min_held_out_per_label` rows when the stratum has the sessions (test from 2 sessions, validation from 3), and
+    the rest go to train. A label seen more than once keeps a session in train: a session is held out only if every
+    such label it holds keeps another session in train, so those labels are always learned before they are judged.
+    A label seen once (an agent whose requests each declare other tools) cannot be both, so it does not hold its
+    session back: such agents still get about the configured shares.
+    `pinned` maps sessions to the split an earlier version gave them; they stay there, so a held-out conversation
+    never leaks into train. Returns session -> "train" | "validation" | "test".
     """
     assign: dict[str, str] = dict(pinned or {})
     counts = Counter(r["label"] for r in rows)
@@ -373,24 +377,33 @@ def split_groups(rows: list[dict], eval_fraction: float, min_eval_per_label: int
     for r in rows:
         strata[RARE if counts[r["label"]] < min_label_count else r["label"]].append(r)
     for stratum in sorted(strata, key=lambda st: (len(strata[st]), st)):
-        members = strata[stratum]
-        sessions = sorted({r["session_id"] for r in members}, key=lambda s: _rank(seed, s))
-        per_session = Counter(r["session_id"] for r in members)
-        labels_of: dict[str, set[str]] = defaultdict(set)
-        sessions_of: dict[str, set[str]] = defaultdict(set)
-        for r in members:
-            labels_of[r["session_id"]].add(r["label"])
-            sessions_of[r["label"]].add(r["session_id"])
-        in_train = {lb: sum(1 for s in ss if assign.get(s) != "eval") for lb, ss in sessions_of.items()}
-        want = max(round(eval_fraction * len(members)), min_eval_per_label if len(sessions) >= 2 else 0)
-        have = sum(per_session[s] for s in sessions if assign.get(s) == "eval")
-        for s in sessions:
-            if s in assign:
-                continue
-            if have < want and all(in_train[lb] > 1 for lb in labels_of[s]):
-                assign[s], have = "eval", have + per_session[s]
-                for lb in labels_of[s]:
-                    in_train[lb] -= 1
-            else:
-                assign[s] = "train"
+        _split_stratum(strata[stratum], counts, assign, {
+            "test": (test_fraction, 2), "validation": (validation_fraction, 3)}, min_held_out_per_label, seed)
     return assign
+
+
+def _split_stratum(members: list[dict], counts: Counter, assign: dict[str, str],
+                   shares: dict[str, tuple[float, int]], min_held_out: int, seed: int) -> None:
+    """Assign one stratum's unassigned sessions (see `split_groups`); `shares`: split -> (fraction, the sessions the
+    stratum needs before `min_held_out` applies), filled in order."""
+    sessions = sorted({r["session_id"] for r in members}, key=lambda s: _rank(seed, s))
+    per_session = Counter(r["session_id"] for r in members)
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    sessions_of: dict[str, set[str]] = defaultdict(set)
+    for r in members:
+        labels_of[r["session_id"]].add(r["label"])
+        sessions_of[r["label"]].add(r["session_id"])
+    in_train = {lb: sum(1 for s in ss if assign.get(s, "train") == "train") for lb, ss in sessions_of.items()}
+    want = {split: max(round(fraction * len(members)), min_held_out if len(sessions) >= needs else 0)
+            for split, (fraction, needs) in shares.items()}
+    have = Counter({split: sum(per_session[s] for s in sessions if assign.get(s) == split) for split in shares})
+    for s in sessions:
+        if s in assign:
+            continue
+        free = all(in_train[lb] > 1 for lb in labels_of[s] if counts[lb] > 1)
+        split = next((sp for sp in shares if have[sp] < want[sp]), None) if free else None
+        assign[s] = split or "train"
+        if split:
+            have[split] += per_session[s]
+            for lb in labels_of[s]:
+                in_train[lb] -= 1

@@ -13,11 +13,12 @@
    keys -> what people said (`flywheel.curate.reviewed`, read once per agent on the driver: originals a review
    label replaces are `reviewed`, records rated thumbs down `negative_feedback`, the previous version's rows
    included), exact and near duplicates (review labels first, then the previous version's examples, so they
-   win), classifier or free text, the session-grouped stratified split with sessions pinned to the split an
-   earlier version gave them. An agent whose review decisions or ratings changed since its latest version is
-   decided again even without new log parts.
+   win), classifier or free text, the session-grouped stratified train/validation/test split
+   (`filters.split_groups`) with sessions pinned to the split an earlier version gave them (an older train/eval
+   version's eval sessions stay held out, as test). An agent whose review decisions or ratings changed since its
+   latest version is decided again even without new log parts.
 4. Write (streaming). The previous version's files and the agent's new cleaned rows stream batch by batch through
-   the decisions into `train/eval/quarantine.parquet`, then `keys.parquet`, the card (`card.md`,
+   the decisions into `train/validation/test/quarantine.parquet`, then `keys.parquet`, the card (`card.md`,
    `class_balance.png`) and `manifest.json`, all in the staging folder. A task holds one batch and one agent's keys.
 5. Publish (driver). One rename to `datasets/<agent>/<version>/` (object stores: every object copied, the manifest last),
    then the `LATEST` pointer. A crash before that publishes nothing. `FLYWHEEL_FAULT=after_staging_write` (or
@@ -26,8 +27,10 @@
 A version is named from its input (record ids + config + the review decisions and ratings), so curating the same
 logs twice gives the same version. A record set aside by a decision stays set aside in later incremental versions
 (a thumbs down later turned up is kept again by a full rebuild, `incremental: false`).
-Counts add up: records in == kept (train + eval) + quarantined, per agent, in `manifest.json`. `executor="local"`
-runs the clean stage and the agents in this process without Ray (small data, and the benchmark's single-process baseline).
+Counts add up: records in == kept (train + validation + test) + quarantined, per agent, in `manifest.json`.
+Readers of a published version go through `flywheel.datasets` (the layout, older train/eval versions, `open_split`).
+`executor="local"` runs the clean stage and the agents in this process without Ray (small data, and the
+benchmark's single-process baseline).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from flywheel.capture.store import QUARANTINE_DIR, LogStore, write_parquet
 from flywheel.config import CurateConfig
 from flywheel.curate import card, filters
 from flywheel.curate.reviewed import Review, label_lineage, read_review
+from flywheel.datasets import SPLITS, latest_version, pinned_sessions, split_file, split_name
+from flywheel.datasets import read_split  # noqa: F401  (bench/distill.py imports it from here, for now)
 from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE
 from flywheel.storage import Store
 
@@ -70,7 +75,8 @@ KEYS = ["record_id", "agent_id", "session_id", "timestamp", "label", "task", "re
 DECISION = [("final_reason", pa.string()), ("final_detail", pa.string()), ("final_label", pa.string()),
             ("final_task", pa.string()), ("split", pa.string())]
 KEYS_FILE = pa.schema([CLEAN.field(k) for k in KEYS] + DECISION)
-NOT_IN_DIGEST = ("home", "agents", "batch_size", "incremental", "write_batch_rows")  # do not change the output
+NOT_IN_DIGEST = ("home", "agents", "batch_size", "incremental", "write_batch_rows",  # do not change the output
+                 "eval_fraction", "min_eval_per_label")  # deprecated names, moved to their new fields
 FAULT_ENV, FAULT_EXIT = "FLYWHEEL_FAULT", 17
 STAGING = "datasets/_staging"
 
@@ -81,33 +87,6 @@ def clean_arrow_batch(batch: pa.Table, max_record_bytes: int | None = None, agen
     if agents:
         batch = batch.filter(pc.is_in(batch["agent_id"], value_set=pa.array(list(agents), pa.string())))
     return pa.Table.from_pylist(filters.clean_batch(batch.to_pylist(), max_record_bytes, cfg), schema=CLEAN)
-
-
-def latest_version(store: Store, agent: str) -> str | None:
-    pointer = store.read_json(f"datasets/{agent}/LATEST")
-    return pointer["version"] if pointer else None
-
-
-def resolve_version(store: Store, agent: str, version: str = "latest") -> str:
-    v = latest_version(store, agent) if version == "latest" else version
-    if not v or not store.exists(f"datasets/{agent}/{v}/manifest.json"):
-        raise FileNotFoundError(f"agent {agent!r} has no curated dataset {version!r} under {store.uri}: "
-                                f"run `flywheel curate --agents {agent}` first")
-    return v
-
-
-def read_split(store: Store, agent: str, version: str, split: str) -> pa.Table:
-    with store.open(f"datasets/{agent}/{version}/{split}.parquet", "rb") as f:
-        return pq.read_table(f, schema=EXAMPLE)
-
-
-def _pinned_sessions(store: Store, agent: str, version: str | None) -> dict[str, str]:
-    """Sessions an earlier version put in eval stay in eval (and train in train): no leak across versions."""
-    pinned: dict[str, str] = {}
-    for split in ("train", "eval") if version else ():
-        with store.open(f"datasets/{agent}/{version}/{split}.parquet", "rb") as f:
-            pinned.update(dict.fromkeys(pq.read_table(f, columns=["session_id"]).column(0).to_pylist(), split))
-    return pinned
 
 
 def _digest_config(cfg: CurateConfig) -> dict:
@@ -330,10 +309,10 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
         return {"agent": agent, "version": None, "published": False,
                 "error": f"only {len(kept)} usable examples (< min_examples={cfg.min_examples}); "
                          f"reasons: {dict(reasons)}"}, None
-    pinned = ({r["session_id"]: r["split"] for r in prior if r["split"]} if base else
-              _pinned_sessions(store, agent, latest_version(store, agent)))
-    splits = filters.split_groups(kept, cfg.eval_fraction, cfg.min_eval_per_label, cfg.seed, pinned,
-                                  min_label_count=cfg.min_label_count)
+    pinned = ({r["session_id"]: split_name(r["split"]) for r in prior if r["split"]} if base else
+              pinned_sessions(store, agent, latest_version(store, agent)))
+    splits = filters.split_groups(kept, cfg.validation_fraction, cfg.test_fraction, cfg.min_held_out_per_label,
+                                  cfg.seed, pinned, min_label_count=cfg.min_label_count)
     decided = {r["record_id"]: (*decision(r), splits[r["session_id"]] if r["record_id"] in in_pool
                                 and r["reason"] is None else None) for r in every}
     decide_s = time.time() - t0
@@ -359,21 +338,15 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     pii: Counter = Counter()
     for r in kept_rows:
         pii.update(json.loads(r["pii"] or "{}"))
-    by_split: dict[str, list[tuple]] = defaultdict(list)
-    for r in kept_rows:
-        d = decided[r["record_id"]]
-        by_split[d[4]].append((d[2], d[3], r["session_id"]))
+    task, labels, sessions = _split_summary(kept_rows, decided)
     own = (ingest or {}).get(agent, Counter())
     decide_reasons = Counter(r["reason"] for r in rows if r["reason"] is not None)
     manifest = {
-        "agent": agent, "version": version, "published": True, "created": time.time(), "run": run,
-        "task": (Counter(t for _, t, _ in by_split["train"] + by_split["eval"]).most_common(1) or [("text", 0)])[0][0],
+        "agent": agent, "version": version, "published": True, "created": time.time(), "run": run, "task": task,
         "counts": {"in": n_in, "kept": len(kept_rows), "quarantined": written["quarantine"],
-                   "train": written["train"], "eval": written["eval"],
+                   **{split: written[split] for split in SPLITS},
                    "duplicates": reasons.get(filters.R_DUPLICATE, 0), "review_labels": reviewed["labels"]},
-        "reasons": dict(sorted(reasons.items())),
-        "labels": {s: dict(Counter(lb for lb, _, _ in by_split[s]).most_common()) for s in ("train", "eval")},
-        "sessions": {s: len({sess for _, _, sess in by_split[s]}) for s in ("train", "eval")},
+        "reasons": dict(sorted(reasons.items())), "labels": labels, "sessions": sessions,
         "pii": dict(sorted(pii.items())), "config": config,
         "stages": {
             "ingest": {"quarantined": sum(own.values()), "reasons": dict(sorted(own.items())),
@@ -389,10 +362,11 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
                     "parts": sorted(set(base.parts if base else ()) | set(parts_read)), "parts_read": parts_read,
                     "watermark": max((r["timestamp"] for r in every if r["timestamp"] is not None), default=None),
                     "review": reviewed},
-        "files": ["train.parquet", "eval.parquet", "quarantine.parquet", "keys.parquet", card.CARD, card.PLOT],
+        "files": [*(f"{split}.parquet" for split in SPLITS), "quarantine.parquet", "keys.parquet", card.CARD,
+                  card.PLOT],
     }
     c = manifest["counts"]
-    if not (c["in"] == c["kept"] + c["quarantined"] and c["kept"] == c["train"] + c["eval"]):
+    if not (c["in"] == c["kept"] + c["quarantined"] and c["kept"] == sum(c[split] for split in SPLITS)):
         raise AssertionError(f"{agent}: counts do not add up: {c}")
     t0 = time.time()
     card.write_card(store, prefix, manifest)
@@ -400,6 +374,18 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3),
                              "card": round(time.time() - t0, 3)}
     return manifest, prefix
+
+
+def _split_summary(kept_rows: list[dict], decided: dict[str, tuple]) -> tuple[str, dict, dict]:
+    """(the agent's task: the most common one, the labels per split with their counts, the sessions per split)."""
+    by_split: dict[str, list[tuple]] = defaultdict(list)
+    for r in kept_rows:
+        d = decided[r["record_id"]]
+        by_split[d[4]].append((d[2], d[3], r["session_id"]))
+    tasks = Counter(t for split in SPLITS for _, t, _ in by_split[split])
+    labels = {s: dict(Counter(lb for lb, _, _ in by_split[s]).most_common()) for s in SPLITS}
+    sessions = {s: len({sess for _, _, sess in by_split[s]}) for s in SPLITS}
+    return (tasks.most_common(1) or [("text", 0)])[0][0], labels, sessions
 
 
 def _publish(store: Store, manifest: dict, prefix: str) -> dict:
@@ -459,11 +445,11 @@ def _iter_file(store: Store, rel: str, rows: int) -> Iterator[pa.RecordBatch]:
 def _write_rows(store: Store, prefix: str, cfg: CurateConfig, agent: str, decided: dict[str, tuple],
                 cleaned: pads.Dataset, base: Base | None) -> dict[str, int]:
     """Stream the previous version's files and the agent's new cleaned rows through the decisions into
-    train/eval/quarantine.parquet. Each record lands exactly once; the driver holds one batch at a time."""
+    train/validation/test/quarantine.parquet. Each record lands exactly once; the driver holds one batch at a time."""
     done: set[str] = set()
     with contextlib.ExitStack() as stack:
         sinks = {name: _Sink(stack, store, f"{prefix}/{name}.parquet", schema, cfg.write_batch_rows)
-                 for name, schema in (("train", EXAMPLE), ("eval", EXAMPLE), ("quarantine", QUARANTINE))}
+                 for name, schema in (*((split, EXAMPLE) for split in SPLITS), ("quarantine", QUARANTINE))}
         if base:
             old = f"datasets/{agent}/{base.version}"
             for batch in _iter_file(store, f"{old}/quarantine.parquet", cfg.write_batch_rows) \
@@ -472,8 +458,9 @@ def _write_rows(store: Store, prefix: str, cfg: CurateConfig, agent: str, decide
                 keep = [i for i, rid in enumerate(ids) if decided.get(rid, (None,))[0] is not None and rid not in done]
                 done.update(ids[i] for i in keep)
                 sinks["quarantine"].add(pa.Table.from_batches([batch]).take(keep).cast(QUARANTINE))
-            for split in ("train", "eval"):
-                for batch in _iter_file(store, f"{old}/{split}.parquet", cfg.write_batch_rows):
+            for split in SPLITS:
+                rel = split_file(store, agent, base.version, split)
+                for batch in _iter_file(store, rel, cfg.write_batch_rows) if rel else ():
                     _route(batch, agent, decided, done, sinks)
         scanner = cleaned.scanner(columns=[n for n in CLEAN.names if n not in ("agent_id", "minhash", "priority",
                                                                                "review_json")],
@@ -491,9 +478,9 @@ def _write_rows(store: Store, prefix: str, cfg: CurateConfig, agent: str, decide
 
 def _route(batch: pa.RecordBatch, agent: str, decided: dict[str, tuple], done: set[str],
            sinks: dict[str, _Sink]) -> None:
-    """One batch (CLEAN or EXAMPLE rows) -> its kept rows into train/eval, its set-aside rows into quarantine."""
+    """One batch (CLEAN or EXAMPLE rows) -> its kept rows into their split, its set-aside rows into quarantine."""
     ids = batch.column("record_id").to_pylist()
-    take: dict[str, list[int]] = {"train": [], "eval": [], "quarantine": []}
+    take: dict[str, list[int]] = {name: [] for name in (*SPLITS, "quarantine")}
     for i, rid in enumerate(ids):
         d = decided.get(rid)
         if d is None or rid in done:  # a replay, or a record this version does not hold
@@ -501,7 +488,7 @@ def _route(batch: pa.RecordBatch, agent: str, decided: dict[str, tuple], done: s
         done.add(rid)
         take[d[4] or "quarantine"].append(i)
     table = pa.Table.from_batches([batch])
-    for split in ("train", "eval"):
+    for split in SPLITS:
         if not take[split]:
             continue
         part = table.take(take[split])

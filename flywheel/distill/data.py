@@ -6,19 +6,18 @@ lengths, never from pad ids (for the student pad == eos == `<|im_end|>`, which i
 
 Batches are LEFT-padded so that every row's answer sits at the end: the model then only computes the output
 layer over the last `answer_len + 1` positions (`logits_to_keep`), which saves ~15% of a step.
+
+`take_balanced` shares an example cap between several agents' train splits (a shared adapter);
+`mean_answer_loss` is the validation loss that early stopping and the sweep's `eval_loss` read.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import random
 from typing import Any
 
-from flywheel.prompts import chat_messages, format_answer
-
-
-def prompt_turns(example: dict, max_history: int) -> list[dict]:
-    return chat_messages(example["messages"], json.loads(example.get("tools_json") or "[]"), max_history)
+from flywheel.prompts import format_answer, prompt_turns
 
 
 def encode(tokenizer: Any, example: dict, max_length: int, max_history: int) -> dict | None:
@@ -31,6 +30,22 @@ def encode(tokenizer: Any, example: dict, max_length: int, max_history: int) -> 
         if len(prompt_ids) + len(answer_ids) <= max_length:
             return {"input_ids": list(prompt_ids) + answer_ids, "answer_len": len(answer_ids)}
     return None
+
+
+def take_balanced(groups: dict[str, list[dict]], max_examples: int, seed: int) -> list[dict]:
+    """Several datasets' examples -> one list of at most `max_examples` (0: all), shared equally between the groups:
+    a group smaller than its share keeps everything and leaves the rest to the others (water-filling). Within a
+    group the examples kept are the first in a seeded hash order of their record ids, so a rerun keeps the same."""
+    if max_examples <= 0 or sum(len(g) for g in groups.values()) <= max_examples:
+        return [ex for name in sorted(groups) for ex in groups[name]]
+    order = sorted(groups, key=lambda name: (len(groups[name]), name))
+    left, out = max_examples, []
+    for i, name in enumerate(order):
+        quota = min(len(groups[name]), left // (len(order) - i))
+        left -= quota
+        ranked = sorted(groups[name], key=lambda ex: hashlib.sha256(f"{seed}:{ex['record_id']}".encode()).hexdigest())
+        out += ranked[:quota]
+    return out
 
 
 def length_buckets(items: list[dict], batch_size: int, seed: int) -> list[list[dict]]:
@@ -73,6 +88,28 @@ def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
     logits = out.logits[:, :-1, :].float()  # positions T-k-1 .. T-2 predict tokens T-k .. T-1
     keep = batch["answer_mask"][:, -k:]
     return logits[keep], batch["input_ids"][:, -k:][keep]
+
+
+def mean_answer_loss(model: Any, encoded: list[dict], pad_id: int, batch_size: int, device: Any = None,
+                     autocast: Any = None) -> tuple[float, int]:
+    """(summed cross-entropy, answer tokens) of the teacher's answers over `encoded` examples, without gradients:
+    validation loss = sum / tokens. `autocast`: a context for the forward passes (training's bf16 autocast)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(encoded), batch_size):
+            batch = collate(encoded[i:i + batch_size], pad_id)
+            if device is not None:
+                batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+            with autocast if autocast is not None else contextlib.nullcontext():
+                logits, targets = answer_logits(model, batch)
+            total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            tokens += int(targets.numel())
+    return total, tokens
 
 
 def kd_loss(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:

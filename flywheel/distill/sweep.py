@@ -5,21 +5,23 @@
 
 Each Tune trial (`_trial`, a function trainable holding `trial_cpus`) builds the same `TorchTrainer` as
 `flywheel distill` (`train.build_trainer`) with the trial's hyperparameters and runs it. Every checkpoint the
-training loop reports (at each epoch end, or every `eval_every` steps) is scored on the agent's eval split before
-Tune sees it: `ScoreThenReport`, a Ray Train callback, runs in the trial's Train controller (on the trial's node, in
-the CPU the trial reserved while its driver waits on `fit()`), scores the adapter with `EvalScorer` (answers
-generated as `flywheel evaluate` generates them, the task's metrics, and `eval_loss`, the teacher-forced loss of
-the teacher's answers) and forwards training and eval metrics to Tune as Ray's `TuneReportCallback` does. So
-ASHA compares trials on the eval metric after the same number of evaluations (`training_iteration`) and stops
-the weak ones early.
+training loop reports (at each epoch end, or every `eval_every` steps) is scored on the agent's VALIDATION split
+before Tune sees it: `ScoreThenReport`, a Ray Train callback, runs in the trial's Train controller (on the trial's
+node, in the CPU the trial reserved while its driver waits on `fit()`), scores the adapter with
+`ValidationScorer` (answers generated as `flywheel evaluate` generates them, the task's metrics, and `eval_loss`,
+the teacher-forced loss of the teacher's answers) and forwards training and validation metrics to Tune as Ray's
+`TuneReportCallback` does. So ASHA compares trials on the validation metric after the same number of evaluations
+(`training_iteration`) and stops the weak ones early. The test split is never read here: it is left to
+`flywheel evaluate`, so the gate's figures are not the ones the sweep chose on. A dataset without validation
+examples (an older train/eval version, or too few sessions) is refused before any trial starts.
 
-The best trial (the objective's last value; ties, common on small eval splits, go to the lower `eval_loss`) has
-its last adapter registered as a new version with the trial's hyperparameters in its lineage; nothing is
-promoted (`flywheel evaluate --promote` gates it). Everything lives under `sweeps/<name>/` on the store: Tune's
-experiment (`tune/`), one Train run per trial (`trial-<id>/`) and `sweep.json` (settings, status, best trial,
-registered version). Rerunning with the same name restores the experiment (`Tuner.restore`): finished trials are
-kept, interrupted ones restart from their last checkpoint, and a finished sweep returns its summary. The sweep
-is an MLflow run with one child run per trial (`flywheel.tracking`).
+The best trial (the objective's last value; ties, common on small validation splits, go to the lower
+`eval_loss`) has its last adapter registered as a new version with the trial's hyperparameters in its lineage;
+nothing is promoted (`flywheel evaluate --promote` gates it). Everything lives under `sweeps/<name>/` on the
+store: Tune's experiment (`tune/`), one Train run per trial (`trial-<id>/`) and `sweep.json` (settings, status,
+best trial, registered version). Rerunning with the same name restores the experiment (`Tuner.restore`): finished
+trials are kept, interrupted ones restart from their last checkpoint, and a finished sweep returns its summary.
+The sweep is an MLflow run with one child run per trial (`flywheel.tracking`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from typing import Any, Sequence
 
 from flywheel.config import ConfigError, DistillConfig, SweepConfig
+from flywheel.datasets import VALIDATION, open_split, read_manifest, resolve_version
 from flywheel.storage import Store
 
 SEARCHED = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs")
@@ -100,28 +103,29 @@ def planned_trials(cfg: SweepConfig) -> int:
 
 
 # -- scoring a checkpoint ---------------------------------------------------------------------------------------
-class EvalScorer:
-    """Scores adapters on an agent's eval split: answers generated like `flywheel evaluate` generates them (same
-    prompts, greedy decoding, `HFEngine`), the task's metrics, the share of parseable answers, and `eval_loss`:
-    the mean per-token loss of the teacher's answers, a smooth signal where ~30-example accuracies tie."""
+class ValidationScorer:
+    """Scores adapters on an agent's validation split: answers generated like `flywheel evaluate` generates them
+    (same prompts, greedy decoding, `HFEngine`), the task's metrics, the share of parseable answers, and
+    `eval_loss`: the mean per-token loss of the teacher's answers, a smooth signal where small-split accuracies tie."""
 
     def __init__(self, store: Store, agent: str, version: str, base_model: str, max_examples: int = 0,
                  max_new_tokens: int = 128, batch_size: int = 8, max_history: int = 10, max_length: int = 768,
                  threads: int = 0):
         import torch
 
-        from flywheel.curate.pipeline import read_split
-        from flywheel.distill.data import encode, prompt_turns
+        from flywheel.distill.data import encode
+        from flywheel.prompts import prompt_turns
         from flywheel.serve.engine import HFEngine
 
         if threads:
             torch.set_num_threads(threads)
-        task = store.read_json(f"datasets/{agent}/{version}/manifest.json")["task"]
-        examples = [e for e in read_split(store, agent, version, "eval").to_pylist() if e["task"] == task]
+        split = open_split(store, agent, version, VALIDATION).require("the sweep's objective")
+        examples = split.rows()
         examples = examples[:max_examples] if max_examples else examples
         if not examples:
-            raise ValueError(f"{agent}: the eval split of dataset {version} has no {task!r} example to score")
-        self.task, self.n = task, len(examples)
+            raise ValueError(f"{agent}: the validation split of dataset {version} has no {split.task!r} example to "
+                             f"score")
+        self.task, self.n = split.task, len(examples)
         self.expected = [e["target"] for e in examples]
         self.tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
         self.prompts = [prompt_turns(e, max_history) for e in examples]
@@ -150,25 +154,18 @@ class EvalScorer:
 
     def loss(self, adapter_dir: str) -> float:
         import torch
-        import torch.nn.functional as F
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from flywheel.distill.data import answer_logits, collate
+        from flywheel.distill.data import mean_answer_loss
 
         if not self.encoded:
             return math.nan
         if self._loss_model is None:
             self._loss_model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch.float32)
         model = PeftModel.from_pretrained(self._loss_model, adapter_dir).eval()
-        total, tokens = 0.0, 0
         try:
-            with torch.inference_mode():
-                for i in range(0, len(self.encoded), self.batch_size):
-                    logits, targets = answer_logits(model, collate(self.encoded[i:i + self.batch_size],
-                                                                   self.engine.tokenizer.pad_token_id))
-                    total += float(F.cross_entropy(logits, targets, reduction="sum"))
-                    tokens += int(targets.numel())
+            total, tokens = mean_answer_loss(model, self.encoded, self.engine.tokenizer.pad_token_id, self.batch_size)
         finally:
             self._loss_model = model.unload()  # the plain base model again, for the next checkpoint
         return total / max(tokens, 1)
@@ -190,9 +187,9 @@ def _score_then_report(job: dict) -> Any:
             c = self.job["cfg"]
             store = Store(self.job["home"])
             if self.scorer is None:
-                self.scorer = EvalScorer(store, c["agent"], self.job["version"], self.job["base_model"],
-                                         c["eval_examples"], c["max_new_tokens"], c["eval_batch_size"],
-                                         c["max_history"], c["max_length"], max(1, int(c["trial_cpus"])))
+                self.scorer = ValidationScorer(store, c["agent"], self.job["version"], self.job["base_model"],
+                                               c["eval_examples"], c["max_new_tokens"], c["eval_batch_size"],
+                                               c["max_history"], c["max_length"], max(1, int(c["trial_cpus"])))
             with checkpoint.as_directory() as d:
                 scores = self.scorer(os.path.join(d, "adapter"))
             base = store.pyarrow_fs()[1].rstrip("/")
@@ -210,7 +207,7 @@ def _trial(config: dict, job: dict | None = None) -> None:
 
     run_name = f"trial-{ray.tune.get_context().get_trial_id()}"
     cfg = trial_config(job, {k: config[k] for k in SEARCHED}, run_name)
-    build_trainer(cfg, Store(job["home"]), job["version"], run_name, storage=f"sweeps/{job['name']}",
+    build_trainer(cfg, Store(job["home"]), [(cfg.agent, job["version"])], run_name, storage=f"sweeps/{job['name']}",
                   callbacks=(_score_then_report(job),)).fit()
 
 
@@ -304,14 +301,13 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
     import ray
 
     from flywheel import tracking
-    from flywheel.curate.pipeline import resolve_version
     from flywheel.evaluate.metrics import METRICS, PRIMARY
     from flywheel.models import resolve_model_path
 
     store = store or Store(cfg.home or None)
     version = resolve_version(store, cfg.agent, cfg.dataset_version)
     name = cfg.name or f"{cfg.agent}-{version}"
-    task = store.read_json(f"datasets/{cfg.agent}/{version}/manifest.json")["task"]
+    task = read_manifest(store, cfg.agent, version)["task"]
     metric = cfg.metric or PRIMARY[task]
     if metric not in (*METRICS[task], "eval_loss"):
         raise ConfigError(f"metric: {metric!r} is not a metric of {cfg.agent}'s task {task!r}; one of "
@@ -328,6 +324,7 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
             return state["summary"]
     else:
         state = {"name": name, "job": job, "status": "running", "created": time.time(), "tracked": {}}
+    open_split(store, cfg.agent, version, VALIDATION).require("the sweep's objective")  # before any trial starts
     uri = cfg.tracking_uri
     if not state.get("mlflow_run_id"):
         searched = {k: v for k, v in job["cfg"].items() if k not in ("home", "agent", "base_model", "tracking_uri")}
@@ -341,7 +338,7 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
         ray.init(configure_logging=False)
     started = time.time()
     results = _tuner(cfg, job, store, callbacks).fit()
-    keys = (*METRICS[task], "eval_loss", "valid_answers", *TRAIN_KEYS)
+    keys = (*METRICS[task], "eval_loss", "valid_answers", "eval_examples", *TRAIN_KEYS)
     trials = _trials(results, _saved_statuses(store, name), keys)
     for t in trials:
         if t["status"] != "unfinished" and t["trial_id"] not in state["tracked"]:
@@ -401,4 +398,4 @@ def _register(store: Store, job: dict, best: dict, adapter: str) -> dict:
         "dataset_version": job["version"], "base_model": job["base_model"], "run_name": f"{job['name']}/{cfg.run_name}",
         "hyperparameters": hyper, "train_metrics": {k: best["metrics"][k] for k in TRAIN_KEYS if k in best["metrics"]},
         "sweep": {"name": job["name"], "trial_id": best["trial_id"], "metric": job["metric"], "mode": job["mode"],
-                  "value": best["metrics"][job["metric"]], "eval": best["metrics"], "searched": best["params"]}})
+                  "value": best["metrics"][job["metric"]], "validation": best["metrics"], "searched": best["params"]}})

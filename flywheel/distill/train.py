@@ -7,12 +7,24 @@ the teacher's logits when a local teacher model is configured (token-level KD).
 `TorchTrainer` runs `train_loop_per_worker` on `num_workers` workers with one of two strategies: `ddp` (DDP over
 gloo on CPU with bf16 autocast, NCCL on GPU) or `deepspeed` (ZeRO stage 1/2/3 from config, the same code on CPU and
 GPU). `grad_accum` micro-batches make one optimizer step.
-Each worker reads the agent's train split from the store, tokenises it, and takes every `world`-th batch of a
-shared, length-bucketed order, so every worker runs the same number of steps. Checkpoints (adapter + optimizer
-+ position) go to `checkpoints/<run_name>/` on the store every `checkpoint_every` steps and at each epoch end;
-a restarted worker group resumes from the last one (up to `max_failures` times; `inject_failure_at_step` kills a
-worker once to prove it), and so does a rerun with the same run name. The final
-adapter is registered in the registry as a new (not yet promoted) version with its lineage.
+Each worker reads the train split (`flywheel.datasets`) from the store, tokenises it, and takes every `world`-th
+batch of a shared, length-bucketed order, so every worker runs the same number of steps. Checkpoints (adapter +
+optimizer + position) go to `checkpoints/<run_name>/` on the store every `checkpoint_every` steps and at each
+epoch end; a restarted worker group resumes from the last one (up to `max_failures` times; `inject_failure_at_step`
+kills a worker once to prove it), and so does a rerun with the same run name. The final adapter is registered in
+the registry as a new (not yet promoted) version with its lineage.
+
+Levers:
+- `datasets: [agent, agent@version, ...]` trains one adapter (registered under `agent`) on several agents' train
+  splits, concatenated; `max_examples` caps them, shared equally (`data.take_balanced`): a shared tool-calling
+  adapter.
+- `init_adapter` (a PEFT folder, or a registry entry `agent@version`) starts from that adapter's LoRA weights
+  instead of random A / zero B; its rank and target modules must equal `lora_r` and `target_modules` (checked on
+  the driver, before any worker starts).
+- `validation_every` N: every N optimizer steps the workers compute the loss of the teacher's answers on the
+  validation split (never the test split; each worker its share; at most `validation_max_examples`); the lowest-loss adapter is kept (`best_adapter/` in each
+  checkpoint, so a resumed run keeps it too) and is the one registered. `early_stopping_patience` P stops training
+  after P checks in a row without a lower loss. Off by default.
 """
 
 from __future__ import annotations
@@ -26,8 +38,12 @@ import tempfile
 import time
 from typing import Any
 
-from flywheel.config import DistillConfig
+from flywheel.config import ConfigError, DistillConfig
+from flywheel.datasets import TRAIN, VALIDATION, open_split, resolve_version
+from flywheel.hardware import native_bf16
 from flywheel.storage import Store
+
+BEST = "best_adapter"  # in a checkpoint: the adapter with the lowest validation loss so far
 
 
 class _DDP:
@@ -41,10 +57,11 @@ class _DDP:
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, weight_decay=0.0)
         self.schedule = _schedule(self.optimizer, total)
-        self.peft = model
+        self.peft = self.eval_model = model  # validation runs on the unwrapped model: no DDP buffer broadcasts
         self.model = ray.train.torch.prepare_model(model)
         self.device = ray.train.torch.get_device()
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.bf16 and native_bf16(self.device.type))
 
     def micro_batch(self, boundary: bool) -> Any:
         """Context for one micro-batch's forward and backward: DDP syncs gradients only on the last one."""
@@ -64,6 +81,10 @@ class _DDP:
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def adapter_weights(self) -> dict:
+        """A CPU copy of the adapter's LoRA weights (PEFT's saved form)."""
+        return _lora_copy(self.peft)
 
     def save(self, state: dict, directory: str, rank: int) -> None:
         import torch
@@ -103,10 +124,10 @@ class _DeepSpeed:
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=_schedule(optimizer, total),
             config={"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-                    "gradient_clipping": 1.0, "bf16": {"enabled": cfg.bf16},
+                    "gradient_clipping": 1.0, "bf16": {"enabled": cfg.bf16 and native_bf16(ray.train.torch.get_device().type)},
                     "zero_optimization": {"stage": cfg.zero_stage}, "steps_per_print": 10 ** 9,
                     "wall_clock_breakdown": False})
-        self.model = self.engine
+        self.model = self.eval_model = self.engine
         self.peft = self.engine.module
         self.device = ray.train.torch.get_device()
         self.autocast = torch.autocast(self.device.type, enabled=False)  # the bf16 section casts the model itself
@@ -123,6 +144,14 @@ class _DeepSpeed:
     def step(self) -> None:
         pass
 
+    def adapter_weights(self) -> dict:
+        """A CPU copy of the adapter's LoRA weights; under ZeRO-3 a collective (every rank calls it)."""
+        import deepspeed
+
+        trainable = [p for p in self.peft.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, enabled=self.cfg.zero_stage == 3):
+            return _lora_copy(self.peft)
+
     def save(self, state: dict, directory: str, rank: int) -> None:
         import deepspeed
 
@@ -134,7 +163,22 @@ class _DeepSpeed:
 
     def restore(self, directory: str) -> dict:
         _, client_state = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
-        return {k: client_state[k] for k in ("step", "tokens")}
+        return {k: client_state[k] for k in ("step", "tokens", "validation") if k in client_state}
+
+
+def _lora_copy(peft: Any) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft).items()}
+
+
+def _save_weights(peft: Any, weights: dict, directory: str) -> None:
+    """An adapter folder (adapter_config.json + adapter_model.safetensors) holding `weights`."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    peft.peft_config["default"].save_pretrained(directory)
+    save_file(weights, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def _schedule(optimizer: Any, total: int) -> Any:
@@ -152,7 +196,10 @@ def _load_teacher(cfg: DistillConfig) -> Any:
 
     if not cfg.teacher_model or cfg.kd_weight == 0:
         return None  # the tokenizers were compared once, on the driver (build_trainer)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher_model, dtype=torch.bfloat16 if cfg.bf16 else None)
+    import ray.train.torch
+
+    bf16 = cfg.bf16 and native_bf16(ray.train.torch.get_device().type)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher_model, dtype=torch.bfloat16 if bf16 else None)
     return teacher.eval().requires_grad_(False)
 
 
@@ -181,14 +228,107 @@ def _maybe_fail(cfg: DistillConfig, store: Store, run_name: str, step: int, chec
     os._exit(1)
 
 
+def _lora_model(cfg: DistillConfig, store: Store, init: dict | None) -> Any:
+    """The base model with a fresh LoRA adapter, or one whose weights come from `init` (see `resolve_init_adapter`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    if init is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = init.get("path") or store.local_copy(init["rel"], os.path.join(tmp, "init"))
+            result = set_peft_model_state_dict(model, load_peft_weights(path, device="cpu"))
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        if unexpected:
+            raise ConfigError(f"init_adapter: {cfg.init_adapter!r} holds LoRA weights this adapter does not have "
+                              f"(e.g. {unexpected[:3]}); use an adapter with the same target_modules")
+    return model
+
+
+def _encoded(store: Store, tokenizer: Any, cfg: DistillConfig, sources: list, split: str,
+             cap: int = 0) -> list[dict]:
+    """The examples of `split` of every (agent, version) in `sources`, capped by `cap` (shared equally), encoded."""
+    from flywheel.distill.data import encode, take_balanced
+
+    groups = {f"{agent}@{version}": open_split(store, agent, version, split).rows(task_only=False)
+              for agent, version in sources}
+    examples = take_balanced(groups, cap, cfg.seed)
+    return [e for e in (encode(tokenizer, ex, cfg.max_length, cfg.max_history) for ex in examples) if e]
+
+
+def _validate(backend: Any, val: list[dict], pad_id: int, cfg: DistillConfig, state: dict,
+              best: dict | None) -> dict | None:
+    """Validation loss of the current adapter: each rank scores its share of the split (`val[rank::world]`), the
+    sums are all-reduced, so every rank sees the same figure and decides alike; updates `state["validation"]`;
+    returns the best adapter's weights so far."""
+    import torch
+    import torch.distributed as dist
+
+    from flywheel.distill.data import mean_answer_loss
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    shared = world > 1 and len(val) >= world  # equal shares: ZeRO-3 forwards are collective, so equal batch counts
+    shard = val[:len(val) - len(val) % world][dist.get_rank()::world] if shared else val
+    backend.model.eval()
+    total, tokens = mean_answer_loss(backend.eval_model, shard, pad_id, cfg.batch_size, backend.device,
+                                     backend.autocast)
+    backend.model.train()
+    sums = torch.tensor([float(total), float(tokens)], dtype=torch.float64)
+    if shared:
+        dist.all_reduce(sums)
+    v, value = state["validation"], float(sums[0] / max(sums[1], 1))
+    v["history"].append([state["step"], value])
+    if v["best"] is None or value < v["best"]:
+        v.update(best=value, best_step=state["step"], stale=0)
+        return backend.adapter_weights()
+    v["stale"] += 1
+    if cfg.early_stopping_patience and v["stale"] >= cfg.early_stopping_patience:
+        v["stopped_at"] = state["step"]
+    return best
+
+
+def _checkpoint(backend: Any, state: dict, best: dict | None, rank: int, metrics: dict, store: Store,
+                local: str | None) -> None:
+    """Report `metrics` with a checkpoint: the adapter, optimizer and position, and the best adapter so far.
+    `local`: in Ray Train's local mode nothing copies the checkpoint to storage, so it is uploaded there (that
+    folder under the home, replaced each time) and the report points at it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.save(dict(state), tmp, rank)
+        if best is not None and rank == 0:
+            _save_weights(backend.peft, best, os.path.join(tmp, BEST))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if os.listdir(tmp) else None
+        if checkpoint is not None and local:
+            store.upload(tmp, local)
+            checkpoint = ray.train.Checkpoint(store.pyarrow_fs()[1] + "/" + local, filesystem=store.pyarrow_fs()[0])
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _restore(backend: Any, state: dict) -> dict | None:
+    """Resume from Ray Train's latest checkpoint, if any: `state` updated in place; the best adapter's weights."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        state.update(backend.restore(d))
+        best = os.path.join(d, BEST, "adapter_model.safetensors")
+        return load_file(best) if os.path.exists(best) else None
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from flywheel.curate.pipeline import read_split
-    from flywheel.distill.data import answer_loss, collate, encode, length_buckets
+    from flywheel.distill.data import answer_loss, collate, length_buckets
 
     cfg = DistillConfig(**config["cfg"])
     store = Store(config["home"])
@@ -199,13 +339,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     teacher = _load_teacher(cfg)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
-    examples = read_split(store, cfg.agent, config["version"], "train").to_pylist()
-    encoded = [e for e in (encode(tokenizer, ex, cfg.max_length, cfg.max_history) for ex in examples) if e]
+    model = _lora_model(cfg, store, config.get("init_adapter"))
+    sources = [tuple(s) for s in config["sources"]]
+    encoded = _encoded(store, tokenizer, cfg, sources, TRAIN, cfg.max_examples)
     if not encoded:
         raise ValueError(f"{cfg.agent}: no training example fits in max_length={cfg.max_length}")
+    val = _encoded(store, tokenizer, cfg, sources, VALIDATION) if cfg.validation_every else []
+    val = val[:cfg.validation_max_examples] if cfg.validation_max_examples else val
     # micro-batches per worker per epoch, rounded down to whole optimizer steps
     per_epoch = max(1, len(length_buckets(encoded, cfg.batch_size, 0)) // world // cfg.grad_accum) * cfg.grad_accum
     steps_per_epoch = per_epoch // cfg.grad_accum
@@ -213,15 +353,13 @@ def train_loop_per_worker(config: dict) -> None:
     backend = (_DeepSpeed if cfg.strategy == "deepspeed" else _DDP)(model, cfg, total)
     if teacher is not None:
         teacher.to(backend.device)
-    state = {"step": 0, "tokens": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = backend.restore(d)
+    state = {"step": 0, "tokens": 0,
+             "validation": {"best": None, "best_step": 0, "stale": 0, "stopped_at": 0, "history": []}}
+    best = _restore(backend, state)
     resumed_at = checkpointed = state["step"]
     backend.model.train()
     started, losses = time.time(), []
-    while state["step"] < total:
+    while state["step"] < total and not state["validation"]["stopped_at"]:
         epoch, offset = divmod(state["step"], steps_per_epoch)
         batches = length_buckets(encoded, cfg.batch_size, cfg.seed + epoch)[rank::world][:per_epoch]
         for i in range(offset * cfg.grad_accum, per_epoch, cfg.grad_accum):
@@ -242,40 +380,55 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and (state["step"] % 5 == 0 or state["step"] == total):
                 # stderr, not print(): Ray Train's print patch would show each line twice on the driver
                 sys.stderr.write(f"[distill {cfg.agent}] step {state['step']}/{total} loss {losses[-1]:.3f}\n")
+            if val and (state["step"] % cfg.validation_every == 0 or state["step"] == total):
+                best = _validate(backend, val, tokenizer.pad_token_id, cfg, state, best)
+            stopped = bool(state["validation"]["stopped_at"])
             end_of_epoch = state["step"] % steps_per_epoch == 0
-            if state["step"] == total or end_of_epoch or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+            if state["step"] == total or end_of_epoch or stopped or \
+                    (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
                 elapsed = time.time() - started
+                v = state["validation"]
                 metrics = {"step": state["step"], "epoch": state["step"] / steps_per_epoch,
                            "loss": sum(losses) / len(losses),
                            "tokens_per_s_per_worker": state["tokens"] / max(elapsed, 1e-9) if resumed_at == 0 else 0.0,
-                           "resumed_at": resumed_at, "total_steps": total, "train_examples": len(encoded)}
+                           "resumed_at": resumed_at, "total_steps": total, "train_examples": len(encoded),
+                           **({"validation_loss": v["best"], "best_step": v["best_step"], "stopped_at": v["stopped_at"],
+                               "validation_examples": len(val), "validation_history": v["history"]} if val else {})}
                 losses = []
-                with tempfile.TemporaryDirectory() as tmp:
-                    backend.save(dict(state), tmp, rank)
-                    has_files = bool(os.listdir(tmp))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+                _checkpoint(backend, state, best, rank, metrics, store, config.get("local_checkpoint"))
                 checkpointed = state["step"]
+            if stopped:
+                break
 
 
-def build_trainer(cfg: DistillConfig, store: Store, version: str, run_name: str, storage: str = "checkpoints",
-                  callbacks: tuple = ()) -> Any:
-    """The `TorchTrainer` of one distillation run: `train_loop_per_worker` on `cfg.num_workers` workers, checkpoints
-    under `<home>/<storage>/<run_name>/` (the same name resumes). `cfg.base_model` must already be a local path.
+def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str]], run_name: str,
+                  storage: str = "checkpoints", callbacks: tuple = ()) -> Any:
+    """The `TorchTrainer` of one distillation run on the train splits of `sources` ((agent, dataset version) pairs):
+    `train_loop_per_worker` on `cfg.num_workers` workers, checkpoints under `<home>/<storage>/<run_name>/` (the
+    same name resumes). `cfg.base_model` must already be a local path. Checks the teacher's tokenizer and the
+    init adapter here, before any worker starts. `num_workers` 0: Ray Train's local mode, the loop runs in this
+    process without Ray (no restarts; the checkpoint is uploaded to `<storage>/<run_name>/local-checkpoint/`).
     `flywheel.distill.sweep` builds one per Tune trial, with its own storage and report callbacks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.teacher_model and cfg.kd_weight > 0:  # fail here, before any worker starts
+    if cfg.teacher_model and cfg.kd_weight > 0:
         from transformers import AutoTokenizer
 
         from flywheel.distill.data import check_same_tokenizer
 
         check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.base_model), AutoTokenizer.from_pretrained(cfg.teacher_model))
+    init = resolve_init_adapter(cfg, store)
+    if cfg.validation_every:  # a selection step: it needs validation examples, and says so
+        splits = [open_split(store, agent, version, VALIDATION) for agent, version in sources]
+        if not any(sp.table.num_rows for sp in splits):
+            splits[0].require("early stopping (validation_every)")
     pafs, base = store.pyarrow_fs()
+    local = f"{storage}/{run_name}/local-checkpoint" if cfg.num_workers == 0 else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "home": store.uri, "version": version,
-                           "run_name": run_name},
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "home": store.uri, "sources": [list(s) for s in sources],
+                           "run_name": run_name, "init_adapter": init, "local_checkpoint": local},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=f"{base}/{storage}", storage_filesystem=pafs,
@@ -284,41 +437,114 @@ def build_trainer(cfg: DistillConfig, store: Store, version: str, run_name: str,
     )
 
 
+def training_sources(cfg: DistillConfig, store: Store) -> list[tuple[str, str]]:
+    """(agent, published dataset version) pairs to train on: `datasets` ("agent" or "agent@version"; no version:
+    `dataset_version`), or the agent's own dataset."""
+    entries = cfg.datasets or (cfg.agent,)
+    pairs = [entry.partition("@")[::2] for entry in entries]
+    return [(agent, resolve_version(store, agent, version or cfg.dataset_version)) for agent, version in pairs]
+
+
+def resolve_init_adapter(cfg: DistillConfig, store: Store) -> dict | None:
+    """`init_adapter` -> {"path": a local folder} or {"rel": a registered adapter's folder under the home}, after
+    checking that its rank and target modules are this run's; None without one. ConfigError naming what differs."""
+    if not cfg.init_adapter:
+        return None
+    import json
+
+    from flywheel.registry.registry import Registry, RegistryError
+
+    if os.path.isdir(cfg.init_adapter):
+        init = {"path": os.path.abspath(cfg.init_adapter)}
+        path = os.path.join(init["path"], "adapter_config.json")
+        adapter_cfg = None
+        if os.path.exists(path):
+            with open(path) as f:
+                adapter_cfg = json.load(f)
+    else:
+        agent, sep, version = cfg.init_adapter.partition("@")
+        if not sep:
+            raise ConfigError(f"init_adapter: {cfg.init_adapter!r} is neither an adapter folder nor a registry entry "
+                              f"'agent@version' (e.g. sgd_Flights@v3)")
+        try:
+            init = {"rel": Registry(store).get(agent, version)["adapter"]}
+        except RegistryError as e:
+            raise ConfigError(f"init_adapter: {e}") from None
+        adapter_cfg = store.read_json(f"{init['rel']}/adapter_config.json")
+    if not adapter_cfg:
+        raise ConfigError(f"init_adapter: {cfg.init_adapter!r} is not a PEFT adapter (no adapter_config.json)")
+    r, targets = adapter_cfg.get("r"), adapter_cfg.get("target_modules") or []
+    targets = sorted([targets] if isinstance(targets, str) else targets)
+    if r != cfg.lora_r or targets != sorted(cfg.target_modules):
+        raise ConfigError(f"init_adapter: {cfg.init_adapter!r} has r={r}, target_modules={targets}; this run has "
+                          f"lora_r={cfg.lora_r}, target_modules={sorted(cfg.target_modules)}: give the same (or "
+                          f"leave init_adapter empty to start from random A / zero B)")
+    return init
+
+
+def _run_name(cfg: DistillConfig, sources: list[tuple[str, str]]) -> str:
+    """`run_name`, else <agent>-<dataset version> (one dataset of the agent's own), else <agent>-<digest of them>."""
+    import hashlib
+
+    if cfg.run_name:
+        return cfg.run_name
+    if [a for a, _ in sources] == [cfg.agent]:
+        return f"{cfg.agent}-{sources[0][1]}"
+    return f"{cfg.agent}-" + hashlib.sha256(repr(sorted(sources)).encode()).hexdigest()[:12]
+
+
 def distill(cfg: DistillConfig, store: Store | None = None) -> dict:
     """Train one agent's adapter on Ray Train and register it as a new version. Returns a summary."""
     import ray
 
-    from flywheel import tracking
-    from flywheel.curate.pipeline import resolve_version
     from flywheel.models import resolve_model_path
-    from flywheel.registry.registry import Registry
 
     store = store or Store(cfg.home or None)
-    version = resolve_version(store, cfg.agent, cfg.dataset_version)
-    run_name = cfg.run_name or f"{cfg.agent}-{version}"
+    sources = training_sources(cfg, store)
+    run_name = _run_name(cfg, sources)
     cfg = dataclasses.replace(cfg, base_model=resolve_model_path(cfg.base_model),
                               teacher_model=resolve_model_path(cfg.teacher_model) if cfg.teacher_model else "")
-    if not ray.is_initialized():
+    if cfg.num_workers and not ray.is_initialized():  # 0 workers: Ray Train's local mode, no Ray
         ray.init(configure_logging=False)
-    trainer = build_trainer(cfg, store, version, run_name)
+    trainer = build_trainer(cfg, store, sources, run_name)
     started = time.time()
     result = trainer.fit()
     train_s = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError(f"{cfg.agent}: training finished without a checkpoint ({result.error})")
-    registry = Registry(store)
+    return _register(cfg, store, sources, run_name, result, train_s)
+
+
+def _register(cfg: DistillConfig, store: Store, sources: list[tuple[str, str]], run_name: str, result: Any,
+              train_s: float) -> dict:
+    """Register the run's adapter (the best by validation loss when that was checked, else the last) and track it."""
+    from flywheel import tracking
+    from flywheel.registry.registry import Registry
+
+    own = next((v for a, v in sources if a == cfg.agent), None)
+    metrics = dict(result.metrics or {})
+    history = metrics.pop("validation_history", None)
     with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
-        adapter = shutil.copytree(os.path.join(d, "adapter"), os.path.join(tmp, "adapter"))
+        chosen = BEST if os.path.exists(os.path.join(d, BEST)) else "adapter"
+        adapter = shutil.copytree(os.path.join(d, chosen), os.path.join(tmp, "adapter"))
         hyper = {k: v for k, v in dataclasses.asdict(cfg).items()
                  if k not in ("home", "agent", "base_model", "tracking_uri")}
-        metrics = dict(result.metrics or {})
-        entry = registry.register(cfg.agent, adapter, {
-            "dataset_version": version, "base_model": cfg.base_model, "run_name": run_name,
-            "hyperparameters": hyper, "train_metrics": metrics, "train_time_s": round(train_s, 1)})
+        entry = Registry(store).register(cfg.agent, adapter, {
+            "dataset_version": own, "datasets": [{"agent": a, "version": v} for a, v in sources],
+            "base_model": cfg.base_model, "run_name": run_name, "hyperparameters": hyper,
+            "train_metrics": {**metrics, **({"validation_history": history} if history else {})},
+            "adapter_from": "best validation loss" if chosen == BEST else "last step",
+            "train_time_s": round(train_s, 1)})
         tracking.log_training_run(cfg.agent, run_name, hyper, {**metrics, "train_time_s": train_s},
-                                  adapter_dir=adapter, tags={"flywheel.version": entry["version"], "flywheel.dataset_version": version},
+                                  adapter_dir=adapter, tags={"flywheel.version": entry["version"],
+                                                             "flywheel.dataset_version": own or "+".join(
+                                                                 f"{a}@{v}" for a, v in sources)},
                                   store=store, uri=cfg.tracking_uri)
-    return {"agent": cfg.agent, "version": entry["version"], "dataset_version": version, "run_name": run_name,
-            "steps": metrics.get("step"), "loss": metrics.get("loss"), "resumed_at": metrics.get("resumed_at"),
+    return {"agent": cfg.agent, "version": entry["version"], "dataset_version": own, "datasets": entry["datasets"],
+            "run_name": run_name, "steps": metrics.get("step"), "loss": metrics.get("loss"),
+            "resumed_at": metrics.get("resumed_at"), "train_examples": metrics.get("train_examples"),
+            "validation_loss": metrics.get("validation_loss"), "best_step": metrics.get("best_step"),
+            "stopped_at": metrics.get("stopped_at"), "validation_history": history,
+            "adapter_from": entry["adapter_from"],
             "tokens_per_s": metrics.get("tokens_per_s_per_worker", 0.0) * cfg.num_workers,
             "train_time_s": round(train_s, 1), "adapter": entry["adapter"]}

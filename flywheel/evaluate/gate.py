@@ -10,7 +10,7 @@ A candidate passes only when every rule holds (`m` is the task's primary metric,
    production's lower bound minus `max_regression` (default 0). A candidate that is statistically
    indistinguishable from production passes; one below production's whole interval fails;
 3. the results are whole: at least `min_examples` scored examples, and every system scored exactly the
-   `n_expected` examples of the eval split (a partial run is never promoted);
+   `n_expected` examples of the test split (a partial run is never promoted);
 4. nothing is missing or broken: each metric and interval is a finite number (not NaN, not text), intervals are
    `[lo, hi]` with `lo <= hi`.
 
@@ -61,7 +61,7 @@ def _whole(name: str, n: Any, expected: Any, min_examples: int, reasons: list[st
     if not isinstance(n, int) or isinstance(n, bool) or n < min_examples:
         reasons.append(f"{name}: only {n!r} scored examples (< min_examples={min_examples})")
     elif not isinstance(expected, int) or n != expected:
-        reasons.append(f"partial results: {name} scored {n} of {expected!r} eval examples")
+        reasons.append(f"partial results: {name} scored {n} of {expected!r} test examples")
 
 
 def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, max_regression: float = 0.0) -> dict:

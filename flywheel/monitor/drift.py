@@ -43,11 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flywheel import routing
+from flywheel import datasets, routing
 from flywheel.capture.ingest import digest
 from flywheel.config import MonitorConfig
 from flywheel.monitor import episodes, features, live, quality, stats
-from flywheel.schema import EXAMPLE
 from flywheel.storage import Store
 
 EVENTS = "monitor/events"
@@ -62,32 +61,14 @@ _GAUGES: dict[str, Any] = {}
 
 
 # -- the reference ---------------------------------------------------------------------------------------------------
-def latest_version(store: Store, agent: str) -> str:
-    """The agent's latest curated dataset version (`datasets/<agent>/LATEST` = {"version": v})."""
-    pointer = store.read_json(f"datasets/{agent}/LATEST")
-    if not isinstance(pointer, dict) or not pointer.get("version"):
-        raise FileNotFoundError(f"agent {agent!r} has no curated dataset under {store.uri}/datasets/{agent} "
-                                f"(no LATEST pointer): run `flywheel curate --agents {agent}` first")
-    return str(pointer["version"])
-
-
 def reference_examples(store: Store, agent: str, version: str | None = None) -> pa.Table:
-    """The train split (schema.EXAMPLE) of the agent's latest (or the given) curated dataset version.
-
-    With `latest_version`, the one place that knows the dataset layout: `datasets/<agent>/<v>/train.parquet`.
-    """
-    version = version or latest_version(store, agent)
-    rel = f"datasets/{agent}/{version}/train.parquet"
-    try:
-        with store.fs.open(store.path(rel), "rb") as f:
-            table = pq.read_table(f, schema=EXAMPLE)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"agent {agent!r}: dataset version {version!r} has no train split at "
-                                f"{store.path(rel)}: re-run `flywheel curate --agents {agent}`") from None
-    if table.num_rows == 0:
-        raise ValueError(f"agent {agent!r}: dataset version {version!r} has an empty train split; "
+    """The train split (schema.EXAMPLE) of the agent's latest (or the given) curated dataset version, read through
+    `flywheel.datasets` (the one place that knows the layout)."""
+    split = datasets.open_split(store, agent, version or "latest", datasets.TRAIN)
+    if split.table.num_rows == 0:
+        raise ValueError(f"agent {agent!r}: dataset version {split.version!r} has an empty train split; "
                          f"capture more traffic and run `flywheel curate --agents {agent}`")
-    return table
+    return split.table
 
 
 def embed_texts(texts: Sequence[str], model_path: str = "") -> np.ndarray:
@@ -268,7 +249,7 @@ def check_drift(cfg: MonitorConfig, store: Store | None = None) -> dict:
     """
     store = store or Store(cfg.home or None)
     agent = cfg.agent
-    version = latest_version(store, agent)
+    version = datasets.pointed_version(store, agent)
     state = live.load_state(store, agent)
     read: dict[str, list[str]] = {}
     records = live.read_new(store, agent, state, read)

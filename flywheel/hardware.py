@@ -1,0 +1,26 @@
+"""What the machine computes natively: the one place that decides bf16 vs fp32 for training and serving.
+
+bf16 on a CPU without AVX512-BF16 / AMX is emulated: measured on an AVX2 machine (SmolLM2-135M + LoRA r16, forward
+and backward of 2 x 256 tokens, one thread) 6.9 s in fp32 vs 127 s under bf16 autocast. So bf16 is used only where
+the hardware has it: CUDA devices that support it, and CPUs with the `avx512_bf16` or `amx_bf16` flags.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type: str = "cpu") -> bool:
+    """True where bf16 matmuls run natively on `device_type` ("cpu" or "cuda")."""
+    import torch
+
+    if device_type.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") and \
+        any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
