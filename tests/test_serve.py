@@ -287,3 +287,30 @@ def test_no_teacher_configured_is_503(served):
         assert err["type"] == "server_error"
     finally:
         serve.delete("flywheel-noteacher")
+
+
+def test_a_corrupt_adapter_fails_only_its_agent_and_prewarm_loads_production(served, client):
+    registry = Registry(served.store)
+    entry = registry.register("sgd_Corrupt", make_adapter(served.cfg.base_model, str(served.root / "corrupt"), 5),
+                              {"dataset_version": "test", "base_model": served.cfg.base_model})
+    registry.promote("sgd_Corrupt", entry["version"])
+    with open(registry.adapter_path(entry) + "/adapter_model.safetensors", "wb") as f:
+        f.write(b"not a safetensors file")
+    failures = student_info()["adapter_failures"]
+    time.sleep(served.cfg.routing_ttl_s + 0.3)  # the ingress's catalog sees the new agent
+    r = httpx.post(f"{served.url}/chat/completions", json={"model": "sgd_Corrupt", "messages": ASK}, timeout=60)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    err = r.json()["error"]
+    assert err["code"] == "adapter_unavailable" and "sgd_Corrupt@v1" in err["message"]
+    assert "cannot be read" in err["message"]
+    assert client.chat.completions.create(model="sgd_Restaurants", messages=ASK, max_tokens=2).choices  # others serve
+    info = student_info()
+    assert info["adapter_failures"] > failures and "sgd_Corrupt@v1" not in info["adapters"]
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("StudentModel", app_name="flywheel")
+    warmed = handle.prewarm.remote(["sgd_Restaurants", "sgd_Hotels", "sgd_Corrupt"]).result()
+    assert warmed["loaded"] == ["sgd_Restaurants@v1"]
+    assert warmed["failed"]["sgd_Hotels"] == "no production adapter" and "sgd_Corrupt" in warmed["failed"]
+    assert "sgd_Restaurants@v1" in student_info()["resident"]

@@ -1,24 +1,47 @@
-"""The student deployment: one base model per replica, a LoRA adapter per agent, batches that mix agents, answers
-streamed token by token.
+"""The student deployment: one base model per replica, a LoRA adapter per agent, rows of many agents decoded in one
+batch, answers streamed token by token.
 
     handle.options(multiplexed_model_id="sgd_Flights@v2", stream=True).stream.remote(turns, sampling, constraint)
+    handle.prewarm.remote(["sgd_Flights"])     # after a promotion: load the production adapters before traffic
 
-Adapters are Serve-multiplexed under the model id `<agent>@<version>` (a promotion loads the new version; LRU
-eviction unloads the old one). Requests do not go through `@serve.batch`, which splits batches by multiplexed
-model id: each request puts a `Row` on the replica's queue and one decode loop takes up to `max_batch_size`
-waiting rows (waiting `batch_wait_s` for more), runs them as one batch in the engine, and hands each row's text
-back to its caller as it is decoded. A caller that goes away (client disconnect -> `CancelledError`) flags its
-row, which ends at the next token.
+Adapters live in three tiers. (1) Resident: a slot of the engine's LoRA pool (`max_resident_adapters` slots, LRU,
+`flywheel.serve.lora`); a batch mixes any resident adapters in one forward pass. (2) On the node's disk: adapters
+from an s3:// home are copied once into `adapter_cache_dir` (shared by every replica on the node; a local home is
+read in place), and an adapter evicted from its slot is read again from there when a row needs it. (3) The store:
+the registry's copy. Adapter names are model ids `<agent>@<version>`: a promotion makes a new name, and the old
+version, no longer asked for, ages out of the LRU tiers.
+
+Serve's multiplexing (`serve.multiplexed`, model id = `<agent>@<version>`, up to `max_adapters_per_replica` per
+replica) is kept for placement, not for batching: requests for an agent go to the replicas that already hold its
+adapter, so each replica sees a bounded set of agents and keeps them resident. Its router (ray 2.60,
+`ray/serve/_private/request_router/request_router.py` `apply_multiplex_routing`, used by the default
+power-of-two router) first tries the replicas holding the id; when none holds it, or when those replicas are
+busy (their queue length has reached `max_ongoing_requests`: `_select_from_candidate_replicas` skips them), it
+tries the replicas with the fewest loaded ids; after a matching timeout (1-2 s, randomised from
+`RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S` = 1 s) it tries those once more, then every replica. So a
+hot agent overflows to other replicas, which load its adapter (from the node's disk cache when they share a
+node), and Serve's LRU there (`max_adapters_per_replica`) unloads what that replica used least. A replica
+registers an id when it starts loading it (pushed to the controller).
+
+Requests do not go through `@serve.batch` (it splits batches by multiplexed model id). Each request puts a `Row`
+on the replica's queue; one decode loop (`HFEngine.run_continuous`, in a thread) admits waiting rows between
+decode steps, up to `max_batch_size` rows at once, so a request arriving while a long answer decodes starts at the
+next step. Each row's text goes back to its caller as it is decoded. A caller that goes away (client disconnect
+-> `CancelledError`) flags its row, which ends at the next token.
 
 `stream()` yields dicts: `{"text": "..."}` increments, then one `{"done": true, "finish_reason", "prompt_tokens",
 "completion_tokens"}`; or a single `{"error": {...}}` (HTTP status, message, param) when the request cannot be run
-(prompt too long, adapter missing or corrupt), before any text.
+(prompt too long; adapter missing or corrupt: 503 `adapter_unavailable`, that agent only), before any text.
+`info()`: counters (requests, forward passes, mixed batches, adapter loads / reloads / evictions / failures) and
+the adapters held and resident.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -31,7 +54,7 @@ from ray import serve
 
 from flywheel.config import ServeConfig
 from flywheel.registry.registry import Registry
-from flywheel.storage import Store
+from flywheel.storage import Store, flocked
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,9 +63,48 @@ class AdapterError(RuntimeError):
     """An agent's adapter cannot be loaded (missing, corrupt): only that agent fails."""
 
 
+class AdapterCache:
+    """Tier 2: adapter folders on this node's disk. A local home is read in place; an s3:// adapter is copied once
+    into `<cache_dir>/<digest of home and adapter path>/` (staged, then renamed, under a lock: replicas on one
+    node share the copy). Versions are immutable, so a copy never goes stale."""
+
+    def __init__(self, store: Store, cache_dir: str):
+        self.store = store
+        self.dir = cache_dir or os.path.join(tempfile.gettempdir(), "flywheel-adapters")
+        self.copies = 0  # copies this process made from the store
+
+    def path(self, entry: dict) -> str:
+        rel = entry["adapter"]
+        if self.store.local:
+            return self.store.path(rel)
+        dest = self._dest(rel)
+        if os.path.exists(os.path.join(dest, "adapter_config.json")):
+            return dest
+        os.makedirs(self.dir, exist_ok=True)
+        with flocked(dest, wait_s=600):
+            if not os.path.exists(os.path.join(dest, "adapter_config.json")):
+                staging = f"{dest}.staging-{uuid.uuid4().hex[:8]}"
+                try:
+                    self.store.local_copy(rel, staging)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.replace(staging, dest)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+                self.copies += 1
+        return dest
+
+    def forget(self, entry: dict) -> None:
+        """Drop a node copy that did not load, so the next request copies it again."""
+        if not self.store.local:
+            shutil.rmtree(self._dest(entry["adapter"]), ignore_errors=True)
+
+    def _dest(self, rel: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(f"{self.store.uri}\n{rel}".encode()).hexdigest()[:24])
+
+
 class _Adapter:
-    """One adapter in the engine. Serve's multiplexer calls `__del__` when it evicts it (LRU); the unload waits
-    for requests already holding it. Python calls `__del__` again at garbage collection: that is a no-op."""
+    """One adapter held by this replica. Serve's multiplexer calls `__del__` when it evicts it (LRU); the unload
+    waits for requests already holding it. Python calls `__del__` again at garbage collection: that is a no-op."""
 
     def __init__(self, engine: Any, model_id: str, name: str):
         self.engine, self.model_id, self.name = engine, model_id, name
@@ -79,6 +141,21 @@ class _Adapter:
             pass
 
 
+def _engine(cfg: ServeConfig) -> Any:
+    """The replica's engine from `cfg.engine` (auto: vLLM on a GPU node with vllm installed, else HF)."""
+    from flywheel.serve.vllm_engine import engine_kind
+
+    if engine_kind(cfg.engine) == "vllm":
+        from flywheel.serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg.base_model, max_loras=cfg.max_resident_adapters,
+                          max_cpu_loras=cfg.max_adapters_per_replica, max_lora_rank=cfg.max_adapter_rank)
+    from flywheel.serve.engine import HFEngine
+
+    return HFEngine(cfg.base_model, threads=max(1, int(cfg.replica_cpus)), max_adapters=cfg.max_resident_adapters,
+                    max_rank=cfg.max_adapter_rank)
+
+
 def _error(status: int, message: str, param: str | None = None, code: str = "invalid_request") -> dict:
     return {"error": {"status": status, "message": message, "param": param, "code": code}}
 
@@ -86,15 +163,14 @@ def _error(status: int, message: str, param: str | None = None, code: str = "inv
 @serve.deployment(name="StudentModel")
 class StudentModel:
     def __init__(self, home: str, cfg: ServeConfig):
-        from flywheel.serve.engine import HFEngine
-
         self.store, self.cfg = Store(home), cfg
-        self.engine = HFEngine(cfg.base_model, threads=max(1, int(cfg.replica_cpus)))
+        self.engine = _engine(cfg)
+        self.disk = AdapterCache(self.store, cfg.adapter_cache_dir)
         self.context = min(self.engine.context_length, cfg.max_context_tokens or self.engine.context_length)
-        self.stats = {"requests": 0, "batches": 0, "mixed_batches": 0, "largest_batch": 0, "loads": 0,
-                      "cancelled": 0, "rows_cancelled": 0}
+        self.stats = {"requests": 0, "cancelled": 0, "adapter_loads": 0, "adapter_failures": 0}
         self._model_ids: dict[str, str] = {}  # engine adapter name -> "<agent>@<version>"
         self._waiting: list[Any] = []
+        self._waiting_lock = threading.Lock()  # the engine's thread takes rows while callers add them
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._grammars = None
@@ -107,28 +183,52 @@ class StudentModel:
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def _load(self, model_id: str) -> _Adapter:
+        """Registry entry -> node disk -> engine slot; `AdapterError` (counted) when any step fails."""
+        from flywheel.serve.lora import AdapterFormatError
+
         agent, _, version = model_id.rpartition("@")
         try:
             entry = Registry(self.store).get(agent, version)
         except Exception as e:
+            self.stats["adapter_failures"] += 1
             raise AdapterError(f"{model_id} is not registered: {e}") from None
-        tmp = None if self.store.local else tempfile.mkdtemp(prefix="flywheel-adapter-")
+        # A fresh engine name per load, so a late unload of an evicted copy never hits a reloaded one.
         name = f"{re.sub(r'[^A-Za-z0-9_@-]', '_', model_id)}-{uuid.uuid4().hex[:6]}"
         try:
-            path = self.store.local_copy(entry["adapter"], tmp or "")
-            # A fresh engine name per load, so a late unload of an evicted copy never hits a reloaded one.
-            self.engine.load_adapter(name, path)
+            self.engine.load_adapter(name, self.disk.path(entry))
         except Exception as e:
+            self.stats["adapter_failures"] += 1
+            if isinstance(e, AdapterFormatError):
+                self.disk.forget(entry)
             logger.error("adapter %s at %s cannot be loaded: %s", model_id, entry.get("adapter"), e)
             raise AdapterError(f"the adapter of {model_id} cannot be loaded ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+                               f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
         self._model_ids[name] = model_id
-        self.stats["loads"] += 1
+        self.stats["adapter_loads"] += 1
         logger.info("loaded adapter %s from %s", model_id, entry["adapter"])
         return _Adapter(self.engine, model_id, name)
+
+    async def prewarm(self, agents: list[str]) -> dict:
+        """Load the production adapters of `agents` into this replica (slots and Serve's model ids) before their
+        traffic arrives, e.g. after a promotion. Returns {"loaded": [model ids], "failed": {agent: reason}}."""
+        loaded, failed = [], {}
+        registry = Registry(self.store)
+        for agent in agents:
+            try:
+                entry = await asyncio.to_thread(registry.alias, agent)
+            except Exception as e:
+                failed[agent] = f"the registry cannot be read: {e}"
+                continue
+            if entry is None:
+                failed[agent] = "no production adapter"
+                continue
+            model_id = f"{agent}@{entry['version']}"
+            try:
+                await self._adapter(model_id)
+                loaded.append(model_id)
+            except AdapterError as e:
+                failed[agent] = str(e)
+        return {"loaded": loaded, "failed": failed}
 
     def _grammar(self, constraint: dict | None) -> Any:
         if constraint is None:
@@ -142,7 +242,7 @@ class StudentModel:
     # -- requests ----------------------------------------------------------------------------------------------
     async def stream(self, turns: list[dict], sampling: dict, constraint: dict | None = None) -> AsyncIterator[dict]:
         """Answer one prompt with the adapter named by the request's multiplexed model id, as it is decoded."""
-        from flywheel.serve.engine import Row, Sampling
+        from flywheel.serve.engine import Sampling
 
         params = Sampling(**{**sampling, "stop": tuple(sampling.get("stop") or ())})
         prompt_ids = await asyncio.to_thread(self.engine.encode, turns)
@@ -164,12 +264,28 @@ class StudentModel:
             param = getattr(e, "param", None) or "tools"
             yield _error(400, f"{param}: {e}", param, "invalid_schema")
             return
+        adapter.acquire()
+        try:
+            async for item in self._decode(turns, adapter.name, params, grammar, prompt_ids):
+                self.stats["requests"] += "done" in item
+                if "error" in item:
+                    self.stats["adapter_failures"] += 1
+                yield item
+        finally:
+            await adapter.release()
+
+    async def _decode(self, turns: list[dict], adapter: str | None, params: Any, grammar: Any,
+                      prompt_ids: list[int]) -> AsyncIterator[dict]:
+        """Queue one row for the decode loop and yield its text increments, then its `done` item (or, when its
+        adapter fails to reload from disk before any text, one 503 error item)."""
+        from flywheel.serve.engine import Row
+        from flywheel.serve.lora import AdapterFormatError
+
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        row = Row(turns, adapter.name, params, grammar,
+        row = Row(turns, adapter, params, grammar,
                   on_text=lambda text: loop.call_soon_threadsafe(queue.put_nowait, {"text": text}),
                   prompt_ids=prompt_ids,
                   done=lambda gen: loop.call_soon_threadsafe(queue.put_nowait, {"done": gen}))
-        adapter.acquire()
         try:
             self._enqueue(row)
             while True:
@@ -183,8 +299,11 @@ class StudentModel:
                     item = {"text": item["text"] + nxt["text"]}
                 if "done" in item:
                     gen = item["done"]
+                    if isinstance(gen, AdapterFormatError):
+                        yield _error(503, f"the adapter cannot be loaded: {gen}", "model", "adapter_unavailable")
+                        return
                     if isinstance(gen, BaseException):
-                        raise gen
+                        raise RuntimeError(f"the student failed: {type(gen).__name__}: {gen}") from None
                     yield {"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
                            "completion_tokens": gen.completion_tokens}
                     return
@@ -193,8 +312,6 @@ class StudentModel:
             row.cancelled.set()  # the caller went away: its row ends at the next token
             self.stats["cancelled"] += 1
             raise
-        finally:
-            await adapter.release()
 
     async def generate(self, turns: list[dict], budget: int) -> dict:
         """The whole answer at once, greedy (kept for callers that do not stream)."""
@@ -209,55 +326,71 @@ class StudentModel:
 
     # -- the decode loop ---------------------------------------------------------------------------------------
     def _enqueue(self, row: Any) -> None:
-        self._waiting.append(row)
+        with self._waiting_lock:
+            self._waiting.append(row)
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
 
+    def _take(self, n: int) -> list[Any]:
+        """Up to `n` waiting rows for the engine (called from its thread between decode steps); rows whose
+        callers already left are answered here and skipped."""
+        with self._waiting_lock:
+            taken, kept = [], []
+            for row in self._waiting:
+                if row.cancelled.is_set():
+                    row.done(asyncio.CancelledError())
+                elif len(taken) < n:
+                    taken.append(row)
+                else:
+                    kept.append(row)
+            self._waiting = kept
+        return taken
+
     async def _decode_loop(self) -> None:
+        """While rows wait: let a batch fill for `batch_wait_s`, then run the engine's continuous loop until it
+        has nothing left (new rows join it between steps)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._waiting:
+            with self._waiting_lock:
+                waiting = len(self._waiting)
+            if not waiting:
                 continue
-            if len(self._waiting) < self.cfg.max_batch_size:
+            if waiting < self.cfg.max_batch_size:
                 await asyncio.sleep(self.cfg.batch_wait_s)  # let a batch fill
-            rows = [r for r in self._waiting[: self.cfg.max_batch_size] if not r.cancelled.is_set()]
-            dropped = self._waiting[: self.cfg.max_batch_size]
-            del self._waiting[: self.cfg.max_batch_size]
-            if self._waiting:
-                self._wake.set()
-            for r in dropped:
-                if r.cancelled.is_set():
-                    r.done(asyncio.CancelledError())
-            if not rows:
-                continue
             try:
-                gens = await asyncio.to_thread(self.engine.run_batch, rows)
-            except Exception as e:  # the batch failed: every caller in it hears why
-                logger.exception("batch of %d failed", len(rows))
-                for r in rows:
-                    r.done(RuntimeError(f"the student failed: {type(e).__name__}: {e}"))
-                continue
-            for r, gen in zip(rows, gens):
-                r.done(gen)
-                self.stats["rows_cancelled"] += gen.finish_reason == "cancelled"
-            self.stats["requests"] += len(rows)
-            self.stats["batches"] += 1
-            self.stats["mixed_batches"] += len({r.adapter for r in rows}) > 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+                await asyncio.to_thread(self.engine.run_continuous, self._take, self.cfg.max_batch_size)
+            except Exception:  # its rows were told why; the next rows start a fresh loop
+                logger.exception("the decode loop failed")
+            with self._waiting_lock:
+                if self._waiting:
+                    self._wake.set()
 
     # -- health ------------------------------------------------------------------------------------------------
     async def ready(self) -> dict:
-        """Readiness: the engine answers one greedy token on the base model."""
-        from flywheel.serve.engine import Row, Sampling
+        """Readiness: the engine answers one greedy token on the base model (through the decode loop)."""
+        from flywheel.serve.engine import Sampling
 
         start = time.perf_counter()
-        [gen] = await asyncio.to_thread(self.engine.run_batch, [Row([{"role": "user", "content": "ping"}], None,
-                                                                     Sampling(max_tokens=1))])
-        return {"ok": True, "seconds": round(time.perf_counter() - start, 3), "tokens": gen.completion_tokens}
+        turns = [{"role": "user", "content": "ping"}]
+        prompt_ids = await asyncio.to_thread(self.engine.encode, turns)
+        tokens = 0
+        async for item in self._decode(turns, None, Sampling(max_tokens=1), None, prompt_ids):
+            tokens = item.get("completion_tokens", tokens)
+        return {"ok": True, "seconds": round(time.perf_counter() - start, 3), "tokens": tokens}
 
     def info(self) -> dict:
-        """Counters and the adapters loaded in the engine right now (as model ids)."""
-        return {**self.stats, "adapters": sorted(self._model_ids[n] for n in self.engine.adapters()),
-                "waiting": len(self._waiting)}
+        """Counters, the adapters this replica holds (model ids) and those resident in a slot now."""
+        engine = self.engine.stats()
+        with self._waiting_lock:
+            waiting = len(self._waiting)
+        names = [n for n in self.engine.adapters() if n in self._model_ids]
+        resident = set(self.engine.resident())
+        return {**self.stats, "batches": engine.get("steps", 0) + engine.get("prefills", 0),
+                **{key: engine.get(key, 0) for key in ("mixed_batches", "largest_batch", "rows_cancelled")},
+                "adapter_reloads": engine.get("reloads", 0), "adapter_evictions": engine.get("evictions", 0),
+                "adapter_copies": self.disk.copies, "slots": engine.get("slots", 0),
+                "slot_bytes": engine.get("slot_bytes", 0),
+                "adapters": sorted(self._model_ids[n] for n in names),
+                "resident": sorted(self._model_ids[n] for n in names if n in resident), "waiting": waiting}
