@@ -2,6 +2,10 @@
 
 `routing/<agent>.json` = {"mode": "student" | "teacher", "reason": ..., "since": ...}. No file means "student
 when the agent has a production adapter, else teacher". Drift sets "teacher"; a promotion sets "student".
+Serve's Ingress reads these files (with `agents/` and the registry) into its in-memory catalog every
+`routing_ttl_s` (flywheel/serve/catalog.py), and its autoscaling moves capacity with them: a route to the teacher
+scales the TeacherProxy up at once, a route back scales it down after the cool-down (flywheel/serve/autoscale.py).
+Every write here is an atomic replace (`Store.write_json`), which is what lets the catalog skip unchanged folders.
 `queue/retrain/<agent>-<event>.json` holds retrain requests, each naming the event that caused it.
 Every agent, tenant and event id is checked (`flywheel.ids.check_id`) before it names a file: `InvalidId` otherwise.
 """

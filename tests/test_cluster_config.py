@@ -332,6 +332,30 @@ def rayservice_problems(where: str, spec: dict) -> list[str]:
                         f"got {paths}")
     if serve.get("http_options", {}).get("host") != "0.0.0.0":
         problems.append(f"{where}.serveConfigV2.http_options.host: must be 0.0.0.0 to be reachable in the pod")
+    for app in apps:
+        if app.get("import_path") == SERVE_IMPORT_PATH:
+            problems += serve_settings_problems(f"{where}.serveConfigV2.applications[{app.get('name')}].args",
+                                                app.get("args") or {})
+    return problems
+
+
+def serve_settings_problems(where: str, settings: dict) -> list[str]:
+    """The engine and autoscaling settings a cluster config carries must be the code's (ServeConfig defaults)."""
+    from flywheel.config import ConfigError, ServeConfig, build
+    from flywheel.serve.autoscale import SCALING_FIELDS
+
+    problems = []
+    try:
+        build(ServeConfig, {k: v for k, v in settings.items() if k != "auth"})
+    except ConfigError as e:
+        problems.append(f"{where}: not a valid ServeConfig: {e}")
+    defaults = ServeConfig()
+    for key in ("engine", *SCALING_FIELDS):
+        if key not in settings:
+            problems.append(f"{where}.{key}: missing (the code's default is {getattr(defaults, key)!r})")
+        elif settings[key] != getattr(defaults, key):
+            problems.append(f"{where}.{key}: {settings[key]!r} differs from the code's default "
+                            f"{getattr(defaults, key)!r} (flywheel/config.py ServeConfig)")
     return problems
 
 
@@ -384,6 +408,27 @@ def test_manifest_homes_match_the_launcher(manifests, launcher):
             for spec in _cluster_specs(doc):
                 head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
                 assert _env(head)["FLYWHEEL_HOME"]["value"] == launcher_home, fname
+
+
+def test_serve_settings_match_the_code(manifests, launcher):
+    """rayservice.yaml's app args and ray-cluster.yaml's metadata carry the engine and autoscaling of ServeConfig."""
+    service = _find(manifests, "rayservice.yaml", "RayService")
+    assert rayservice_problems("rayservice.yaml.spec", service["spec"]) == []
+    assert serve_settings_problems("ray-cluster.yaml.metadata.flywheel_serve",
+                                   launcher.get("metadata", {}).get("flywheel_serve", {})) == []
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda s: s.update(teacher_max_replicas=2), "teacher_max_replicas: 2 differs from the code's default"),
+    (lambda s: s.pop("downscale_delay_s"), "downscale_delay_s: missing"),
+    (lambda s: s.update(engine="trt"), "not a valid ServeConfig"),
+    (lambda s: s.update(student_max_replicas=-1), "not a valid ServeConfig"),
+])
+def test_serve_settings_checks_catch(launcher, mutate, expected):
+    settings = copy.deepcopy(launcher["metadata"]["flywheel_serve"])
+    mutate(settings)
+    problems = serve_settings_problems("x", settings)
+    assert any(expected in p for p in problems), problems
 
 
 def test_serve_app_builder_takes_one_argument():

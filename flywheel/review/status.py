@@ -52,7 +52,7 @@ def _events(store: Store, folder: str, agent: str) -> list[dict]:
 
 
 def backend(store: Store, agent: str, production: dict | None) -> dict:
-    """Who answers the agent now, resolved as the Serve app does (`flywheel.serve.app.resolve_route`)."""
+    """Who answers the agent now, resolved as the Serve app does (`flywheel.serve.catalog.route_of`)."""
     route = get_route(store, agent)
     if route.get("mode") == TEACHER:
         return {"backend": TEACHER, "model": None, "reason": f"routed to the teacher: {route.get('reason')}",

@@ -12,18 +12,21 @@ fallback, API keys per tenant, limits, and every answer captured before it is co
     POST /review/{item}/approve  /review/{item}/correct (form field or JSON `message`): decisions become labels
     GET  /status, /status.json   per agent: backend, production vs teacher, cost, drift, retrains, last cycle
 
-Pages (`flywheel.review.pages`) take the key from `Authorization: Bearer`, or from an HttpOnly cookie that
-`GET /review?key=...` or the sign-in form (`POST /review/login`) sets; their forms carry a CSRF token derived from
-the key, and a cross-origin POST is refused. The logic lives in `flywheel.review`; the routes only check who asks.
+The page and feedback handlers are `flywheel.serve.review_routes` (their logic is `flywheel.review`).
 
-Two deployments:
+Three deployments, each autoscaled between its min and max replicas (`flywheel.serve.autoscale`):
 - `Ingress` (FastAPI, no CPU reserved) checks the key, the rate limit and the body (size, then the OpenAI
-  contract: `flywheel.serve.protocol`), routes the agent (cached for `routing_ttl_s`), asks the student or the
-  teacher and appends the log record to the write-ahead log (`LogStore.append`, fsynced) before the answer is
-  complete: a plain answer is returned after the append, a streamed answer sends its final chunk and `[DONE]`
-  after it. `x-flywheel-record-id` is the captured record's id; `x-flywheel-backend` (and `system_fingerprint`)
-  names what answered, e.g. `student:sgd_Flights@v2` or `teacher:<model>`.
+  contract: `flywheel.serve.protocol`), routes the agent from its in-memory catalog (`flywheel.serve.catalog`,
+  refreshed every `routing_ttl_s`), asks the student or the teacher proxy and appends the log record to the
+  write-ahead log (`LogStore.append`, fsynced) before the answer is complete: a plain answer is returned after the
+  append, a streamed answer sends its final chunk and `[DONE]` after it. `x-flywheel-record-id` is the captured
+  record's id; `x-flywheel-backend` (and `system_fingerprint`) names what answered, e.g.
+  `student:sgd_Flights@v2` or `teacher:<model>`. It counts each agent's traffic and hands the autoscaling
+  policy (and the dashboard) traffic shares and routes; when its catalog sees an agent move to a student adapter
+  (a promotion) it asks the student to prewarm it.
 - `StudentModel` (`flywheel.serve.student`) holds one engine and streams each answer as it is decoded.
+- `TeacherProxy` (`flywheel.serve.teacher`, only with a `teacher_url`) calls the teacher endpoint; it scales up
+  as soon as drift routes busy agents to the teacher.
 
 Errors are OpenAI error bodies with the right status: 400 (a parameter, named in `param`), 401 (no or unknown
 key), 403 (the key's tenant may not call that agent: said the same whether the agent exists or not), 404
@@ -39,13 +42,12 @@ import json
 import logging
 import re
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -56,71 +58,24 @@ from flywheel.capture.store import LogStore
 from flywheel.config import ConfigError, ServeConfig
 from flywheel.ids import is_valid_id
 from flywheel.prompts import chat_messages
-from flywheel.registry.registry import Registry
-from flywheel.review import pages as review_pages
-from flywheel.review.feedback import ReviewError, record_feedback
-from flywheel.review.queue import approve, correct, get_item, list_items
-from flywheel.review.status import status_rows
-from flywheel.review.web import (DECISION_FIELDS, FEEDBACK_FIELDS, correction, csrf_ok, csrf_token, form_fields,
-                                 json_object, reviewer_of, safe_next, same_origin)
-from flywheel.routing import STUDENT, TEACHER, get_route, known_agents
+from flywheel.routing import STUDENT, TEACHER
 from flywheel.serve.auth import KeyStore, Principal, RateLimiter, is_loopback
+from flywheel.serve.autoscale import INGRESS, TrafficGauges, TrafficWindow, autoscaling_config, report
+from flywheel.serve.catalog import Catalog, Route, Snapshot, route_of
 from flywheel.serve.metrics import ServeMetrics
 from flywheel.serve.protocol import (APIError, ChatCompletionRequest, completion_from_text, error_body, new_id,
                                      parse_request, sampling_params, stream_events, student_unsupported)
+from flywheel.serve.review_routes import ReviewRoutes, read_body
 from flywheel.serve.streaming import DeltaParser, chunk
 from flywheel.serve.student import StudentModel
-from flywheel.serve.teacher import HTTPTeacher, TeacherError
+from flywheel.serve.teacher import TeacherProxy
 from flywheel.storage import Store
 
 APP_NAME = "flywheel"
 logger = logging.getLogger("ray.serve")
 
 
-# -- routing and capture: plain functions over the store ------------------------------------------------------
-@dataclass(frozen=True)
-class Route:
-    backend: str  # STUDENT | TEACHER
-    model_id: str | None  # "<agent>@<version>" when the student answers
-    tenant: str
-    reason: str
-
-
-def resolve_route(store: Store, agent: str) -> Route | None:
-    """Who answers `agent` now; None when the agent is unknown (neither in the catalog nor in the registry)."""
-    if not is_valid_id(agent):
-        return None
-    catalog = store.read_json(f"agents/{agent}.json")
-    if catalog is None and not store.exists(f"registry/{agent}.json"):
-        return None
-    tenant = str((catalog or {}).get("tenant") or "default")
-    route = get_route(store, agent)
-    if route.get("mode") == TEACHER:
-        return Route(TEACHER, None, tenant, f"its route is teacher: {route.get('reason')}")
-    entry = Registry(store).alias(agent)
-    if entry is None:
-        return Route(TEACHER, None, tenant, "it has no production adapter yet")
-    return Route(STUDENT, f"{agent}@{entry['version']}", tenant, "production adapter")
-
-
-def list_agents(store: Store) -> list[dict]:
-    """The catalog and registry agents with the time each was first seen (`created`, Unix seconds)."""
-    created: dict[str, int] = {}
-    for folder, suffix in (("registry", ".json"), ("agents", ".json")):
-        try:
-            entries = store.fs.ls(store.path(folder), detail=True)
-        except FileNotFoundError:
-            continue
-        for e in entries:
-            name = str(e.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(suffix) and not name.startswith("."):
-                stamp = e.get("created") or e.get("mtime") or e.get("LastModified") or 0
-                stamp = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0)
-                created[name[: -len(suffix)]] = int(stamp)
-    known = set(known_agents(store)) | set(Registry(store).agents())
-    return [{"id": a, "created": created.get(a, 0)} for a in sorted(known)]
-
-
+# -- capture and auth at start: plain functions ------------------------------------------------------------
 def log_record(record_id: str, agent: str, tenant: str, req: ChatCompletionRequest, rows: list[dict],
                tools: list[dict], completion: dict, model: str, latency_ms: float) -> dict:
     """One answered request as a `schema.LOG_RECORD` row; `Rejected` when the answer cannot be one."""
@@ -147,18 +102,6 @@ def check_auth_at_start(cfg: ServeConfig, store: Store) -> str:
     if not has_keys:
         return f"open on loopback ({cfg.host}): no API keys exist yet; every key created later is required"
     return "API keys required (Authorization: Bearer <key>)"
-
-
-# -- feedback, review and status pages (the logic is flywheel.review) -------------------------------------------
-COOKIE = "flywheel_key"  # the page sign-in: an HttpOnly cookie holding the key
-COOKIE_MAX_AGE_S = 8 * 3600
-MAX_FORM_BYTES = 1_000_000
-
-
-def review_api_error(e: ReviewError) -> APIError:
-    kind = {403: "permission_denied_error"}.get(e.status, "invalid_request_error")
-    code = {403: "permission_denied", 404: "not_found"}.get(e.status, "invalid_request")
-    return APIError(e.status, str(e), kind, code, e.param)
 
 
 # -- the ingress: authenticate, limit, validate, route, answer, capture ---------------------------------------
@@ -202,22 +145,6 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1].strip()[:300] if lines else type(exc).__name__
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (before reading it, when declared)."""
-    too_big = APIError(413, f"the request body is larger than the limit of {limit} bytes (max_body_bytes)",
-                       code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_big
-        parts.append(part)
-    return b"".join(parts)
-
-
 @dataclass
 class _Call:
     """One chat-completions request on its way through the ingress."""
@@ -234,19 +161,21 @@ class _Call:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, home: str, cfg: ServeConfig, student: DeploymentHandle):
-        self.store, self.cfg, self.student = Store(home), cfg, student
+    def __init__(self, home: str, cfg: ServeConfig, student: DeploymentHandle, teacher: DeploymentHandle | None):
+        self.store, self.cfg, self.student, self.teacher = Store(home), cfg, student, teacher
         replica = serve.get_replica_context().replica_id.unique_id
         self.logs = LogStore(self.store, writer_id="serve-" + re.sub(r"[^A-Za-z0-9_-]", "_", replica),
                              seal_age_s=cfg.wal_seal_age_s)
-        self.teacher = (HTTPTeacher(cfg.teacher_url, cfg.teacher_model, cfg.teacher_api_key_env, cfg.teacher_timeout_s)
-                        if cfg.teacher_url else None)
         self.keys = KeyStore(self.store, ttl_s=cfg.auth_cache_s)
         self.limiter = RateLimiter(cfg.rate_limit_rps, cfg.rate_limit_burst)
         self.metrics = ServeMetrics(cfg.metrics_per_agent)
-        self._routes: dict[str, tuple[float, Route | None]] = {}
-        self._catalog: tuple[float, list[dict]] = (0.0, [])
+        self.catalog = Catalog(self.store, cfg.routing_ttl_s)
+        self.catalog.refresh()
+        self.traffic = TrafficWindow(cfg.traffic_window_s)
+        self.gauges = TrafficGauges(cfg.metrics_per_agent)
+        self.pages = ReviewRoutes(self, self.store, cfg.auth, self.keys)
         self._keys_exist: tuple[float, bool] = (0.0, False)
+        self._tasks: set[asyncio.Task] = set()
 
     def __del__(self) -> None:
         """Serve calls this at a graceful shutdown: seal the open WAL segment so it is compacted at once."""
@@ -255,8 +184,8 @@ class Ingress:
         except Exception:
             pass
 
-    # -- who is calling ----------------------------------------------------------------------------------------
-    async def _principal(self, request: Request) -> Principal | None:
+    # -- who is calling (also used by flywheel.serve.review_routes) ----------------------------------------------
+    async def principal(self, request: Request) -> Principal | None:
         """The caller's key, or None where no key is needed; 401 where one is needed and missing or unknown."""
         if self.cfg.auth == "off":
             return None
@@ -264,7 +193,7 @@ class Ingress:
         principal = await asyncio.to_thread(self.keys.verify, header) if header else None
         if principal is not None:
             return principal
-        if self.cfg.auth == "auto" and not await self._any_keys():
+        if self.cfg.auth == "auto" and not await self.any_keys():
             return None
         message = ("invalid API key: the key is unknown or revoked" if header else
                    "missing API key: send `Authorization: Bearer <key>` (create one with `flywheel keys create`)")
@@ -272,13 +201,13 @@ class Ingress:
         err.headers = {"WWW-Authenticate": "Bearer"}
         raise err
 
-    async def _any_keys(self) -> bool:
+    async def any_keys(self) -> bool:
         now = time.monotonic()
         if self._keys_exist[0] < now:
             self._keys_exist = (now + self.cfg.auth_cache_s, await asyncio.to_thread(self.keys.any_active))
         return self._keys_exist[1]
 
-    def _limit(self, principal: Principal | None) -> None:
+    def limit(self, principal: Principal | None) -> None:
         tenant = principal.tenant if principal else "-"
         wait = self.limiter.acquire(tenant, principal.rate_limit_rps if principal else None,
                                     principal.burst if principal else None)
@@ -292,19 +221,51 @@ class Ingress:
             raise APIError(403, f"this API key may not call the model {agent!r}", "permission_denied_error",
                            "model_not_allowed", "model")
 
+    async def visible(self, principal: Principal | None) -> list[str]:
+        """The agents a page may show: those the key may call (every known agent in open mode)."""
+        return [e.agent for e in (await self._snapshot()).listing() if principal is None or principal.may_call(e.agent)]
+
+    # -- the catalog, the traffic figures and prewarming -------------------------------------------------------
+    async def _snapshot(self) -> Snapshot:
+        """The catalog, at most `routing_ttl_s` old; agents newly on a student adapter are prewarmed."""
+        snapshot = await self.catalog.fresh()
+        promoted = self.catalog.take_promoted()
+        if promoted:
+            task = asyncio.get_running_loop().create_task(self._prewarm(promoted))
+            self._tasks.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
+        return snapshot
+
+    async def _prewarm(self, agents: list[str]) -> None:
+        """Ask a student replica to load the promoted agents' adapters before their traffic arrives (one replica:
+        the others load an adapter on its agent's first request there)."""
+        try:
+            result = await self.student.prewarm.remote(agents)
+            logger.info("student prewarm of promoted agents %s: %s", agents, result)
+        except Exception as e:
+            logger.warning("StudentModel.prewarm(%s) failed (%s); their adapters load on their first request",
+                           agents, _last_line(e))
+
     async def _route(self, agent: str) -> Route:
-        now = time.monotonic()
-        hit = self._routes.get(agent)
-        if hit is None or hit[0] < now:
-            if len(self._routes) > 10_000:
-                self._routes.clear()
-            hit = (now + self.cfg.routing_ttl_s, await asyncio.to_thread(resolve_route, self.store, agent))
-            self._routes[agent] = hit
-        if hit[1] is None:
+        entry = (await self._snapshot()).get(agent)
+        if entry is None:
             raise APIError(404, f"The model {agent!r} does not exist: it is not a known agent. GET /v1/models lists "
                                 "the agents; ingest its logs or register it first.", code="model_not_found",
                            param="model")
-        return hit[1]
+        return route_of(entry)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on its own schedule: the traffic figures that drive the autoscaling policy, also set
+        as Ray gauges (flywheel.serve.autoscale)."""
+        snapshot = await self._snapshot()
+        rates, routes = self.traffic.rates(), {}
+        for agent in rates:
+            entry = snapshot.get(agent)
+            if entry is not None:
+                routes[agent] = (route_of(entry).backend, entry.route == TEACHER)
+        figures = report(rates, routes, self.traffic.latency(), self.cfg.autoscale_top_agents)
+        self.gauges.set(figures)
+        return figures
 
     # -- health and catalog ------------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -326,151 +287,58 @@ class Ingress:
         ok = all(c.get("ok") for c in checks.values())
         return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
 
-    async def _agents(self) -> list[dict]:
-        now = time.monotonic()
-        if self._catalog[0] < now:
-            self._catalog = (now + self.cfg.routing_ttl_s, await asyncio.to_thread(list_agents, self.store))
-        return self._catalog[1]
-
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        principal = await self._principal(request)
-        agents = [a for a in await self._agents() if principal is None or principal.may_call(a["id"])]
-        return {"object": "list", "data": [{"id": a["id"], "object": "model", "created": a["created"],
-                                            "owned_by": "flywheel"} for a in agents]}
+        principal = await self.principal(request)
+        entries = [e for e in (await self._snapshot()).listing() if principal is None or principal.may_call(e.agent)]
+        return {"object": "list", "data": [{"id": e.agent, "object": "model", "created": e.created,
+                                            "owned_by": "flywheel"} for e in entries]}
 
     @api.get("/v1/models/{agent}")
     async def model(self, agent: str, request: Request) -> dict:
-        principal = await self._principal(request)
+        principal = await self.principal(request)
         self._allow(principal, agent)
         await self._route(agent)
-        created = next((a["created"] for a in await self._agents() if a["id"] == agent), 0)
-        return {"id": agent, "object": "model", "created": created, "owned_by": "flywheel"}
+        entry = (await self._snapshot()).get(agent)
+        return {"id": agent, "object": "model", "created": entry.created if entry else 0, "owned_by": "flywheel"}
 
-    # -- feedback, review, status (logic in flywheel.review; these only check who asks) ---------------------------
+    # -- feedback, review, status (flywheel.serve.review_routes) -------------------------------------------------
     @api.post("/v1/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
-        principal = await self._principal(request)
-        self._limit(principal)
-        try:
-            body = json_object(await _read_body(request, MAX_FORM_BYTES), FEEDBACK_FIELDS)
-            event = await asyncio.to_thread(record_feedback, self.store, body.get("record_id"),
-                                            principal.tenant if principal else None, body.get("rating"),
-                                            body.get("correction"), body.get("comment"), body.get("model"))
-        except ReviewError as e:
-            raise review_api_error(e) from None
-        return JSONResponse({"object": "feedback", "id": event["event_id"], "record_id": event["record_id"],
-                             "rating": event["rating"]})
-
-    async def _viewer(self, request: Request) -> tuple[bool, Principal | None, str | None]:
-        """Pages: (allowed, principal, key) from the Authorization header or the cookie; not allowed: sign in."""
-        if self.cfg.auth == "off":
-            return True, None, None
-        cookie = request.cookies.get(COOKIE)
-        for header in (request.headers.get("authorization"), f"Bearer {cookie}" if cookie else None):
-            principal = await asyncio.to_thread(self.keys.verify, header) if header else None
-            if principal is not None:
-                return True, principal, header.split(None, 1)[1].strip()
-        return self.cfg.auth == "auto" and not await self._any_keys(), None, None
-
-    async def _visible(self, principal: Principal | None) -> list[str]:
-        """The agents a page may show: those the key may call (every known agent in open mode)."""
-        return [a["id"] for a in await self._agents() if principal is None or principal.may_call(a["id"])]
+        return await self.pages.feedback(request)
 
     @api.get("/review")
     async def review(self, request: Request) -> Response:
-        query = request.query_params
-        if "key" in query:
-            return await self._sign_in(query["key"], "/review", request)
-        allowed, principal, key = await self._viewer(request)
-        if not allowed:
-            return HTMLResponse(review_pages.login_page("Sign in with an API key to review."), status_code=401)
-        items = await asyncio.to_thread(list_items, self.store, await self._visible(principal))
-        return HTMLResponse(review_pages.review_page(items, principal.tenant if principal else None, csrf_token(key),
-                                                     query.get("done", "")[:200], query.get("error", "")[:300]))
+        return await self.pages.review(request)
 
     @api.post("/review/login")
     async def review_login(self, request: Request) -> Response:
-        try:
-            form = form_fields(await _read_body(request, MAX_FORM_BYTES))
-        except ReviewError as e:
-            raise review_api_error(e) from None
-        return await self._sign_in(form.get("key", ""), safe_next(form.get("next")), request)
-
-    async def _sign_in(self, key: str, next_path: str, request: Request) -> Response:
-        """Check the key once, keep it in an HttpOnly cookie and redirect (the key leaves the address bar)."""
-        principal = await asyncio.to_thread(self.keys.verify, f"Bearer {key.strip()}") if key.strip() else None
-        if principal is None:
-            return HTMLResponse(review_pages.login_page("That key is unknown or revoked.", next_path), status_code=401)
-        response = RedirectResponse(next_path, status_code=303)
-        response.set_cookie(COOKIE, key.strip(), max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="lax",
-                            secure=request.url.scheme == "https", path="/")
-        return response
+        return await self.pages.login(request)
 
     @api.post("/review/{item_id}/approve")
     async def review_approve(self, item_id: str, request: Request) -> Response:
-        return await self._decide(request, item_id, lambda who, body: approve(self.store, item_id, who))
+        return await self.pages.approve(request, item_id)
 
     @api.post("/review/{item_id}/correct")
     async def review_correct(self, item_id: str, request: Request) -> Response:
-        return await self._decide(request, item_id, lambda who, body: correct(self.store, item_id, who,
-                                                                              correction(body.get("message"))))
-
-    async def _decide(self, request: Request, item_id: str, decide) -> Response:
-        """A decision from a page form (redirects back to /review) or a JSON client (answers the item)."""
-        as_json = "application/json" in request.headers.get("content-type", "")
-        allowed, principal, key = await self._viewer(request)
-        if not allowed:
-            raise APIError(401, "sign in at /review or send `Authorization: Bearer <key>`", code="invalid_api_key")
-        self._limit(principal)
-        try:
-            raw = await _read_body(request, MAX_FORM_BYTES)
-            body = json_object(raw, DECISION_FIELDS) if as_json else form_fields(raw)
-            if not same_origin(request.headers.get("origin"), request.headers.get("host")) or \
-                    (not as_json and not csrf_ok(body.get("csrf"), key)):
-                raise APIError(403, "this form was not sent from the review page (CSRF check failed): reload "
-                                    "/review", "permission_denied_error", "csrf_failed")
-            item = await asyncio.to_thread(get_item, self.store, item_id)
-            if principal is not None and not principal.may_call(item["agent"]):
-                raise APIError(403, f"this API key may not review the agent {item['agent']!r}",
-                               "permission_denied_error", "model_not_allowed")
-            item = await asyncio.to_thread(decide, reviewer_of(principal), body)
-        except ReviewError as e:
-            if as_json:
-                raise review_api_error(e) from None
-            return RedirectResponse("/review?" + urllib.parse.urlencode({"error": f"{item_id}: {e}"}), status_code=303)
-        if as_json:
-            return JSONResponse(item)
-        return RedirectResponse("/review?" + urllib.parse.urlencode({"done": f"{item['status']}: {item_id}"}),
-                                status_code=303)
+        return await self.pages.correct(request, item_id)
 
     @api.get("/status")
     async def status(self, request: Request) -> Response:
-        allowed, principal, _ = await self._viewer(request)
-        if not allowed:
-            return HTMLResponse(review_pages.login_page("Sign in with an API key to see the status.", "/status"),
-                                status_code=401)
-        return HTMLResponse(review_pages.status_page(await self._status_rows(principal)))
+        return await self.pages.status(request)
 
     @api.get("/status.json")
     async def status_json(self, request: Request) -> dict:
-        allowed, principal, _ = await self._viewer(request)
-        if not allowed:
-            raise APIError(401, "missing or unknown API key: send `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
-        return {"object": "list", "data": await self._status_rows(principal)}
-
-    async def _status_rows(self, principal: Principal | None) -> list[dict]:
-        return await asyncio.to_thread(status_rows, self.store, await self._visible(principal))
+        return await self.pages.status_json(request)
 
     # -- chat completions --------------------------------------------------------------------------------------
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         agent, backend, start = None, "-", time.perf_counter()
         try:
-            principal = await self._principal(request)
-            self._limit(principal)
-            raw = await _read_body(request, self.cfg.max_body_bytes)
+            principal = await self.principal(request)
+            self.limit(principal)
+            raw = await read_body(request, self.cfg.max_body_bytes)
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
@@ -485,6 +353,7 @@ class Ingress:
             backend = route.backend
             tenant = principal.tenant if principal else route.tenant
             call = _Call(new_id(), req, body, rows, route, tenant, start)
+            self.traffic.arrived(agent)
             if route.backend == STUDENT:
                 return await self._student(call)
             return await self._teacher(call)
@@ -523,8 +392,13 @@ class Ingress:
                            "student_error") from None
         completion = self._completion(call, text, done)
         await self._capture(call, completion)
-        self.metrics.answered(req.model, STUDENT, time.perf_counter() - call.start, False, completion["usage"])
+        self._answered(call, STUDENT, False, completion["usage"])
         return JSONResponse(completion, headers=headers)
+
+    def _answered(self, call: _Call, backend: str, stream: bool, usage: dict | None, ttft: float | None = None) -> None:
+        seconds = time.perf_counter() - call.start
+        self.traffic.answered(backend, seconds)
+        self.metrics.answered(call.req.model, backend, seconds, stream, usage, ttft)
 
     def _left(self, call: _Call) -> float:
         return max(0.001, self.cfg.request_timeout_s - (time.perf_counter() - call.start))
@@ -592,8 +466,7 @@ class Ingress:
         if (call.req.stream_options or {}).get("include_usage"):
             yield chunk(head, None, usage=completion["usage"])
         yield "data: [DONE]\n\n"
-        self.metrics.answered(call.req.model, STUDENT, time.perf_counter() - call.start, True, completion["usage"],
-                              ttft)
+        self._answered(call, STUDENT, True, completion["usage"], ttft)
 
     async def _teacher(self, call: _Call) -> Any:
         req = call.req
@@ -601,25 +474,38 @@ class Ingress:
             raise _retry(503, f"agent {req.model!r} must be answered by the teacher ({call.route.reason}) but no "
                               "teacher is configured: set teacher_url (--teacher-url), or promote an adapter for it",
                          "teacher_not_configured", 30)
-        try:
-            async with asyncio.timeout(self._left(call)):
-                answer = await self.teacher.complete(req.model, call.body)
-        except TeacherError as e:
-            raise APIError(502, str(e), "server_error", "teacher_error") from None
-        except TimeoutError:
-            raise APIError(504, "the teacher did not answer within request_timeout_s", "server_error",
-                           "timeout") from None
-        backend = f"teacher:{self.teacher.model_for(req.model)}"
+        answer, model = await self._ask_teacher(call)
+        backend = f"teacher:{model}"
         completion = {**answer, "id": f"chatcmpl-{call.id}", "object": "chat.completion", "model": req.model,
                       "created": answer.get("created") or int(time.time()), "system_fingerprint": backend}
         await self._capture(call, completion)
-        self.metrics.answered(req.model, TEACHER, time.perf_counter() - call.start, req.stream,
-                              completion.get("usage"))
+        self._answered(call, TEACHER, bool(req.stream), completion.get("usage"))
         headers = {"x-flywheel-backend": backend, "x-flywheel-record-id": call.id}
         if req.stream:  # the teacher is asked without streaming; its answer is replayed as chunks
             usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream_events(completion, usage), media_type="text/event-stream", headers=headers)
         return JSONResponse(completion, headers=headers)
+
+    async def _ask_teacher(self, call: _Call) -> tuple[dict, str]:
+        """(the teacher's completion, its model name) from the TeacherProxy deployment; 502, 503 or 504 else."""
+        from ray.serve.exceptions import BackPressureError
+
+        response = self.teacher.complete.remote(call.req.model, call.body)
+        try:
+            async with asyncio.timeout(self._left(call)):
+                answer = await response
+        except TimeoutError:
+            response.cancel()
+            raise APIError(504, "the teacher did not answer within request_timeout_s", "server_error",
+                           "timeout") from None
+        except BackPressureError:
+            raise _retry(503, "the teacher proxy is overloaded (its queue is full); retry shortly", "overloaded",
+                         self.cfg.retry_after_s) from None
+        except Exception as e:
+            raise APIError(502, f"the teacher proxy failed: {_last_line(e)}", "server_error", "teacher_error") from None
+        if "error" in answer:
+            raise APIError(502, answer["error"], "server_error", "teacher_error")
+        return answer["completion"], answer["model"]
 
     async def _capture(self, call: _Call, completion: dict) -> None:
         """Durably store the answered request before the caller has the whole answer (at-least-once)."""
@@ -639,20 +525,29 @@ class Ingress:
 
 # -- entrypoints ----------------------------------------------------------------------------------------------
 def build_app(cfg: ServeConfig) -> Application:
-    """The Serve application: `Ingress` in front of `StudentModel` (the home is resolved here, on the driver)."""
+    """The Serve application: `Ingress` in front of `StudentModel` and `TeacherProxy`, each with its autoscaling
+    (`flywheel.serve.autoscale`); the home is resolved here, on the driver."""
     store = Store(cfg.home or None)
     logger.info("flywheel serve auth: %s", check_auth_at_start(cfg, store))
-    student = StudentModel.options(num_replicas=cfg.num_replicas, max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
+    student = StudentModel.options(max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
                                    max_queued_requests=cfg.max_queued_requests,
+                                   autoscaling_config=autoscaling_config(cfg, STUDENT),
                                    ray_actor_options={"num_cpus": cfg.replica_cpus}).bind(store.uri, cfg)
+    teacher = TeacherProxy.options(max_ongoing_requests=cfg.teacher_max_ongoing_requests,
+                                   max_queued_requests=cfg.max_queued_requests,
+                                   autoscaling_config=autoscaling_config(cfg, TEACHER),
+                                   ray_actor_options={"num_cpus": cfg.teacher_replica_cpus},
+                                   ).bind(cfg.teacher_url, cfg.teacher_model, cfg.teacher_api_key_env,
+                                          cfg.teacher_timeout_s) if cfg.teacher_url else None
     # The proxy refuses requests beyond the ingress's queue itself (503, Retry-After, a plain-text body).
     from ray.serve.config import BackpressureConfig
 
     return Ingress.options(max_ongoing_requests=cfg.max_ongoing_requests,
                            max_queued_requests=max(cfg.max_queued_requests, 4 * cfg.max_ongoing_requests)
                            if cfg.max_queued_requests > 0 else -1,
+                           autoscaling_config=autoscaling_config(cfg, INGRESS),
                            backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
-                           ).bind(store.uri, cfg, student)
+                           ).bind(store.uri, cfg, student, teacher)
 
 
 def run(cfg: ServeConfig, ready_timeout_s: float = 60.0) -> str:

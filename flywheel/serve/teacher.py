@@ -10,6 +10,15 @@ read from the environment variable named by `ServeConfig.teacher_api_key_env`.
 
 Timeouts, connection errors, non-2xx answers and bodies that are not a chat completion raise `TeacherError`,
 which Serve reports as HTTP 502 with the teacher's message.
+
+In the Serve app the client lives in its own deployment, `TeacherProxy`, which scales on its own (drift moves
+traffic here; see flywheel/serve/autoscale.py). The Ingress calls it through a handle:
+
+    answer = await teacher_proxy.complete.remote("sgd_Flights", body)
+    # {"completion": {...}, "model": "<teacher model>"} or {"error": "<why>"} (the Ingress answers 502)
+
+The Ingress still owns the request: its timeout (`request_timeout_s`, 504, which cancels the proxy's call) and
+the capture of the teacher's answer.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import os
 from typing import Any, Protocol
 
 import httpx
+from ray import serve
 
 
 class TeacherError(RuntimeError):
@@ -82,3 +92,18 @@ def _error_text(resp: httpx.Response) -> str:
     except (ValueError, AttributeError):
         pass
     return resp.text[:500] or resp.reason_phrase
+
+
+@serve.deployment(name="TeacherProxy")
+class TeacherProxy:
+    """One `HTTPTeacher` per replica; answers never raise across the handle: errors come back as `{"error"}`."""
+
+    def __init__(self, url: str, model: str = "", api_key_env: str = "FLYWHEEL_TEACHER_API_KEY",
+                 timeout_s: float = 60.0):
+        self.teacher = HTTPTeacher(url, model, api_key_env, timeout_s)
+
+    async def complete(self, agent: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {"completion": await self.teacher.complete(agent, body), "model": self.teacher.model_for(agent)}
+        except TeacherError as e:
+            return {"error": str(e)}
