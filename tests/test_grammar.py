@@ -48,8 +48,11 @@ def named(name: str) -> dict:
 # -- specs: pure -----------------------------------------------------------------------------------------------
 def test_constraint_for_maps_the_openai_fields():
     schema_fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}
-    assert constraint_for(TOOLS, None, None) is None and constraint_for(TOOLS, "auto", None) is None
     assert constraint_for(None, None, {"type": "text"}) is None and constraint_for([], None, None) is None
+    assert constraint_for([], "auto", None) is None  # no tools, no format: a free answer
+    auto = {"type": "auto_tools", "tools": [{"name": n, "parameters": SCHEMAS[n]} for n in SCHEMAS], "parallel": True}
+    assert constraint_for(TOOLS, None, None) == auto and constraint_for(TOOLS, "auto", None) == auto
+    assert constraint_for(TOOLS, "auto", {"type": "text"}, parallel_tool_calls=False) == {**auto, "parallel": False}
     assert constraint_for(TOOLS, "none", None) == {"type": "no_tool_calls"}
     req = constraint_for(TOOLS, "required", None)
     assert req["type"] == "tool_calls" and req["parallel"] and [t["name"] for t in req["tools"]] == list(SCHEMAS)
@@ -125,6 +128,83 @@ def test_compiled_grammars_accept_exactly_the_allowed_answers(compiler):
         "name": "answer", "schema": ANSWER}}))
     assert accepts(either, '{"verdict": "yes", "score": 3}') and accepts(either, call("FindHotels", {"city": "Rome"}))
     assert not accepts(either, '{"verdict": "maybe", "score": 3}')
+
+
+def accepts_tokens(compiled, tok, text: str) -> bool:
+    """The answer as the student's tokenizer splits it, token by token, then EOS: what decoding feeds the matcher."""
+    m = xgr.GrammarMatcher(compiled)
+    return all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False)) and \
+        m.accept_token(tok.eos_token_id) and m.is_terminated()
+
+
+AUTO_OK = ["", "Which day do you want to fly?", "Sure, <tool and <tool_cal are just text. {\"name\": 1}",
+           call("FindFlights", {"origin": "SF", "seats": 2}),
+           "Let me look. " + call("FindHotels", {"city": "Rome", "stars": 4}) + " Done.",
+           call("FindFlights", {"cabin": "business", "origin": "NYC", "refundable": False, "seats": 6}) + "\n"
+           + call("FindHotels", {"city": "Paris"}),
+           call("Evil", {"anything": [1, {"x": None}]})]                  # declared without parameters: any object
+AUTO_BAD = {
+    "undeclared function": call("BookCar", {"origin": "SF", "seats": 2}),
+    "undeclared argument": call("FindFlights", {"origin": "SF", "seats": 2, "zzz": 1}),
+    "missing required argument": call("FindFlights", {"origin": "SF"}),
+    "wrong enum value": call("FindFlights", {"origin": "Mars", "seats": 2}),
+    "wrong type": call("FindFlights", {"origin": "SF", "seats": "two"}),
+    "out of range": call("FindHotels", {"city": "Rome", "stars": 9}),
+    "unsorted keys": call("FindFlights", {"seats": 2, "origin": "SF"}),
+    "broken JSON: missing brace": call("FindFlights", {"origin": "SF", "seats": 2})[:-len("}</tool_call>")]
+                                  + "</tool_call>",
+    "broken JSON: bare word": '<tool_call>{"name": "FindFlights", "arguments": {"origin": SF, "seats": 2}}</tool_call>',
+    "broken JSON: not as taught": '<tool_call>{"name":"FindFlights","arguments":{"origin":"SF","seats":2}}</tool_call>',
+    "unclosed call": '<tool_call>{"name": "FindFlights", "arguments": {"origin": "SF", "seats": 2}}',
+    "<tool_call> inside text, then text": "I would call <tool_call> FindFlights now.",
+    "<tool_call> inside text, then a bad call": "Ok. " + call("FindHotels", {"city": "Oslo"}),
+}
+
+
+def test_auto_admits_text_and_exactly_the_declared_calls(compiler, tok):
+    grammar = compiler.compile(constraint_for(TOOLS, "auto", None))
+    for text in AUTO_OK:
+        assert accepts(grammar, text) and accepts_tokens(grammar, tok, text), text
+    for why, text in AUTO_BAD.items():
+        assert not accepts(grammar, text) and not accepts_tokens(grammar, tok, text), why
+    one = compiler.compile(constraint_for(TOOLS, "auto", None, parallel_tool_calls=False))
+    ok = call("FindHotels", {"city": "Rome"})
+    assert accepts_tokens(one, tok, "Booking. " + ok) and accepts_tokens(one, tok, "Which city?")
+    assert not accepts_tokens(one, tok, ok + "\n" + ok) and not accepts_tokens(one, tok, ok + " and more text")
+
+
+def test_auto_tools_compile_fast_once_and_tolerate_unenforceable_schemas(compiler, tok):
+    import time
+
+    from conftest import SGD_LOGS
+
+    declared: dict[str, dict] = {}
+    with open(SGD_LOGS) as f:
+        for line in f:  # real agents' tools, with enums and required arguments
+            declared |= {t["function"]["name"]: t for t in json.loads(line)["request"]["tools"]}
+            if len(declared) >= 10:
+                break
+    spec = constraint_for(list(declared.values()), "auto", None)
+    started = time.perf_counter()
+    grammar = compiler.compile(spec)
+    compiled_s = time.perf_counter() - started
+    started = time.perf_counter()
+    assert compiler.compile(json.loads(json.dumps(spec))) is grammar
+    assert compiled_s < 1.0 and time.perf_counter() - started < 0.01, compiled_s
+    name, fn = next((n, t["function"]) for n, t in declared.items() if fn_required(t))
+    args = {k: (fn["parameters"]["properties"][k].get("enum") or ["x"])[0] for k in sorted(fn_required(declared[name]))}
+    assert accepts_tokens(grammar, tok, call(name, args)) and not accepts_tokens(grammar, tok, call(name, {}))
+    broken = TOOLS[:1] + [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}]
+    lenient = compiler.compile(constraint_for(broken, "auto", None))  # auto: f takes any object, FindFlights is held
+    assert accepts(lenient, call("f", {"b": [1]})) and not accepts(lenient, call("g", {}))
+    assert not accepts(lenient, call("FindFlights", {"origin": "Mars", "seats": 2}))
+    with pytest.raises(GrammarError):
+        compiler.compile(constraint_for(broken, "required", None))
+
+
+def fn_required(tool: dict) -> list[str]:
+    return (tool["function"].get("parameters") or {}).get("required") or []
 
 
 def test_compile_caches_and_names_what_it_cannot_enforce(compiler):
@@ -279,3 +359,54 @@ def test_rows_that_ended_may_only_write_eos(tok, compiler):
     for r in (0, 1):  # terminated, and stopped by the caller then padded: EOS only
         assert torch.isfinite(scores[r]).nonzero().flatten().tolist() == [tok.eos_token_id]
     assert torch.isfinite(scores[2]).all()
+
+
+# -- generate under tool_choice auto ------------------------------------------------------------------------------
+def accepts_prefix(compiled, text: str) -> bool:
+    """The text is an answer of the grammar, or the start of one (a row cut by max_new_tokens)."""
+    return xgr.GrammarMatcher(compiled).accept_string(text)
+
+
+def finished_calls(text: str) -> list[tuple[str, dict]]:
+    """The complete `<tool_call>...</tool_call>` blocks of a text as (name, arguments), each one a parseable call."""
+    return [only_call("<tool_call>" + block[:block.index("</tool_call>") + len("</tool_call>")])
+            for block in text.split("<tool_call>")[1:] if "</tool_call>" in block]
+
+
+def test_auto_leaves_text_alone_and_makes_every_call_a_declared_valid_one(model, tok, compiler):
+    grammar = compiler.compile(constraint_for(TOOLS[:2], "auto", None))
+    free = generate(model, tok, [None] * 2, PROMPTS[:2], max_new_tokens=32)[0]
+    assert generate(model, tok, [grammar] * 2, PROMPTS[:2], max_new_tokens=32)[0] == free  # text: untouched
+    evil = 'Sure. <tool_call>{"name": "Evil", "arguments": {"zzz": "x", "origin": "Mars", "seats": 99}}</tool_call>'
+    assert generate(model, tok, [None], PROMPTS[:1], push=evil)[0][0].startswith(evil)  # the adversary works
+    texts = []
+    for push in (evil, evil.replace("Evil", "FindFlights")):
+        texts += generate(model, tok, [grammar] * 4, PROMPTS, push=push, max_new_tokens=160)[0]
+    calls = []
+    for text in texts:
+        assert text.startswith("Sure. <tool_call>{\"name\": \"Find") and accepts_prefix(grammar, text), text
+        calls += finished_calls(text)
+    assert len(calls) >= len(texts), texts  # every row finished at least one call
+    for name, args in calls:
+        assert name in ("FindFlights", "FindHotels")
+        jsonschema.validate(args, SCHEMAS[name])
+        assert list(args) == sorted(args) and "zzz" not in args
+
+
+def test_mixed_batch_auto_rows_call_only_their_own_tools(model, tok, compiler):
+    prompts = ["a much longer prompt, so that the others are left-padded in this batch", "hi", "hey there"]
+    flights = compiler.compile(constraint_for(TOOLS[:1], "auto", None))
+    hotels = compiler.compile(constraint_for(TOOLS[1:2], "auto", None))
+    push = call("FindHotels", {"city": "Oslo", "stars": 3})
+    texts, rows = generate(model, tok, [flights, hotels, None], prompts, push=push)
+    assert texts[0].startswith('<tool_call>{"name": "FindFlights", "arguments": {')
+    assert texts[1].startswith('<tool_call>{"name": "FindHotels", "arguments": {"city": "') and "Oslo" not in texts[1]
+    for text, grammar, other, name in ((texts[0], flights, hotels, "FindFlights"),
+                                       (texts[1], hotels, flights, "FindHotels")):
+        assert accepts_prefix(grammar, text) and not accepts_prefix(other, text), text
+        found = finished_calls(text)
+        assert found and {n for n, _ in found} == {name}, text
+        for _, args in found:
+            jsonschema.validate(args, SCHEMAS[name])
+    alone = generate(model, tok, [None] * 3, prompts, push=push)[0]
+    assert texts[2] == alone[2] and texts[2].startswith(push)  # the unconstrained row: as if no grammar existed

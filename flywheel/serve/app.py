@@ -369,7 +369,7 @@ class Ingress:
 
         # One call unless the caller asks for parallel calls: the student was taught one call per answer.
         constraint = constraint_for(call.body.get("tools") or [], req.tool_choice, req.response_format,
-                                    parallel_tool_calls=req.parallel_tool_calls is True)
+                                    parallel_tool_calls=req.parallel_tool_calls is not False)  # OpenAI: true unless sent false
         turns = chat_messages(call.rows, call.body.get("tools") or [], self.cfg.max_history)
         handle = self.student.options(multiplexed_model_id=call.route.model_id, stream=True)
         stream = handle.stream.remote(turns, dataclasses.asdict(sampling), constraint)

@@ -344,7 +344,7 @@ def student_unsupported(req: ChatCompletionRequest) -> None:
     top_logprobs), a non-empty logit_bias, audio output or a non-text modality, and non-text message content
     (images, audio, files). `n` > 1 is already rejected by `parse_request`. `parallel_tool_calls` false is accepted:
     with tool_choice "required" the grammar then allows one call (`grammar.constraint_for(...,
-    parallel_tool_calls=False)`); under "auto" the student decides, as it was taught."""
+    parallel_tool_calls=False)`); under "auto" the student decides between text and calls, and at most one call (absent: several allowed, as OpenAI)."""
     extra = req.model_extra or {}
 
     def refuse(param: str, what: str) -> APIError:
