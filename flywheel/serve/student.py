@@ -111,9 +111,14 @@ class _Adapter:
         self._users, self._evicted, self._gone = 0, False, False
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Hold the adapter for a request; False when it was already unloaded (evicted before this request held
+        it: the caller asks the multiplexer again, which loads it anew)."""
         with self._lock:
+            if self._gone:
+                return False
             self._users += 1
+            return True
 
     async def release(self) -> None:
         with self._lock:
@@ -240,6 +245,16 @@ class StudentModel:
         return self._grammars.compile(constraint)
 
     # -- requests ----------------------------------------------------------------------------------------------
+    async def _held_adapter(self, model_id: str, tries: int = 3) -> _Adapter:
+        """The request's adapter, held (acquired) before anything else can evict it. Under heavy churn the
+        multiplexer's LRU may evict an adapter between loading it and this request holding it: ask again."""
+        for _ in range(tries):
+            adapter = await self._adapter(model_id)
+            if adapter.acquire():
+                return adapter
+        raise AdapterError(f"adapter {model_id} was evicted {tries} times before a request could use it: raise "
+                           f"max_adapters_per_replica")
+
     async def stream(self, turns: list[dict], sampling: dict, constraint: dict | None = None) -> AsyncIterator[dict]:
         """Answer one prompt with the adapter named by the request's multiplexed model id, as it is decoded."""
         from flywheel.serve.engine import Sampling
@@ -254,17 +269,16 @@ class StudentModel:
                          "context_length_exceeded")
             return
         try:
-            adapter = await self._adapter(serve.get_multiplexed_model_id())
-        except AdapterError as e:
-            yield _error(503, str(e), "model", "adapter_unavailable")
-            return
-        try:
             grammar = await asyncio.to_thread(self._grammar, constraint)
         except Exception as e:  # a schema xgrammar cannot compile
             param = getattr(e, "param", None) or "tools"
             yield _error(400, f"{param}: {e}", param, "invalid_schema")
             return
-        adapter.acquire()
+        try:
+            adapter = await self._held_adapter(serve.get_multiplexed_model_id())
+        except AdapterError as e:
+            yield _error(503, str(e), "model", "adapter_unavailable")
+            return
         try:
             async for item in self._decode(turns, adapter.name, params, grammar, prompt_ids):
                 self.stats["requests"] += "done" in item
