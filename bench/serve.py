@@ -1,7 +1,8 @@
 """Serving benchmark: streamed vs non-streamed answers through the real HTTP endpoint, in one run.
 
     .venv/bin/python bench/serve.py                                  # real student, 4 agents, ~3 min here
-    .venv/bin/python bench/serve.py --agents 8 --requests 48 --concurrency 8 --max-tokens 48
+    .venv/bin/python bench/serve.py stream --agents 8 --requests 48 --concurrency 8 --max-tokens 48
+    .venv/bin/python bench/serve.py fleet                            # 1,000 agents: see bench/fleet.py
 
 It builds a home with `--agents` agents, each with its own LoRA adapter (random weights: throughput does not depend
 on what an adapter learned) on the student base, starts the Flywheel Serve app on the local Ray, and sends the same
@@ -26,6 +27,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["Find me a flight from San Francisco to Seattle on March 3rd.",
            "I want a table for two at an Italian place in Oakland tonight.",
@@ -144,15 +146,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-model", default=os.environ.get("FLYWHEEL_STUDENT",
                                                           os.path.join(REPO, "models", "smollm2-135m-instruct")))
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--requests", type=int, default=24)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--replica-cpus", type=float, default=2.0)
-    args = p.parse_args()
+    modes = p.add_subparsers(dest="mode")
+    stream = modes.add_parser("stream", help="streamed vs non-streamed answers, a 20 MB body (the default)")
+    stream.add_argument("--agents", type=int, default=4)
+    stream.add_argument("--rank", type=int, default=8)
+    stream.add_argument("--requests", type=int, default=24)
+    stream.add_argument("--concurrency", type=int, default=4)
+    stream.add_argument("--max-tokens", type=int, default=32)
+    stream.add_argument("--max-batch-size", type=int, default=8)
+    stream.add_argument("--replica-cpus", type=float, default=2.0)
+    import fleet
 
+    fleet.add_arguments(modes.add_parser("fleet", help="1,000 agents' adapters, Zipf traffic: (a) vs (b) vs (c)",
+                                         description=fleet.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = p.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("stream", "fleet", "-h", "--help")
+                        else ["stream", *sys.argv[1:]])
+    if args.mode == "fleet":
+        return fleet.run_fleet(args)
+    return run_stream(args)
+
+
+def run_stream(args) -> int:
     import ray
 
     from flywheel.config import ServeConfig
