@@ -32,6 +32,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results  # noqa: E402  (bench/results.py)
 
 
 def write_home(home: str, n: int) -> list[str]:
@@ -207,11 +209,7 @@ def main() -> int:
         h = out["http"]
         print(f"over HTTP (Serve proxy -> Ingress): GET /v1/models {h['models']['p50_ms']} / {h['models']['p99_ms']}"
               f" ms, GET /v1/models/<agent> {h['model']['p50_ms']} / {h['model']['p99_ms']} ms")
-    os.makedirs(os.path.join(REPO, "bench", "out"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "out", f"catalog-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"results: {path}")
+    results.save("catalog", out)
     return 0
 
 

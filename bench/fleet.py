@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 
+import results
 from serve import PROMPTS, free_port, one, pct  # bench/serve.py
 
 ZIPF_SEED = 7
@@ -177,8 +178,6 @@ def run_fleet(args) -> int:
 
 
 def _report(args, runs: dict, traffic: list[str]) -> None:
-    from serve import REPO
-
     print(f"\n{args.requests} streamed requests over {len(set(traffic))} of {args.agents} agents (Zipf "
           f"{args.zipf}), {args.concurrency} concurrent clients, {args.max_tokens} tokens, real student, one replica")
     print("| run | output tok/s | total p50 / p99 | TTFT p50 / p99 | adapter loads / evictions | replica RSS |")
@@ -191,11 +190,7 @@ def _report(args, runs: dict, traffic: list[str]) -> None:
               f"{', '.join(f'{m} MB' for m in r['rss_mb'])} |")
     a, b, c = (runs[k]["tokens_per_s"] for k in ("fleet", "one_adapter", "naive"))
     print(f"(a)/(b) = {a / b:.2f} (goal >= 0.8); (a)/(c) = {a / c:.2f} (goal >= 3)")
-    os.makedirs(os.path.join(REPO, "bench", "out"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "out", f"fleet-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump({"config": vars(args), "runs": runs}, f, indent=2)
-    print(f"results: {path}")
+    results.save("fleet", {"config": vars(args), "runs": runs})
 
 
 def add_arguments(p) -> None:

@@ -28,6 +28,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results  # noqa: E402  (bench/results.py)
 
 PROMPTS = ["Find me a flight from San Francisco to Seattle on March 3rd.",
            "I want a table for two at an Italian place in Oakland tonight.",
@@ -205,11 +206,7 @@ def run_stream(args) -> int:
     o = out["oversized_body"]
     print(f"20 MB body: HTTP {o['status']} ({o['code']}) in {o['seconds']} s; next request HTTP "
           f"{o['next_request_status']} in {o['next_request_seconds']} s")
-    os.makedirs(os.path.join(REPO, "bench", "out"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "out", f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"results: {path}")
+    results.save("serve", out)
     return 0
 
 

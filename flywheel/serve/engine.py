@@ -95,12 +95,9 @@ def _auto_dtype(device: str):
 
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        native = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") and \
-            any(flag in open("/proc/cpuinfo").read() for flag in ("avx512_bf16", "amx_bf16"))
-    except OSError:
-        native = False
-    return torch.bfloat16 if native else torch.float32
+    from flywheel.hardware import native_bf16
+
+    return torch.bfloat16 if native_bf16("cpu") else torch.float32
 
 
 def _device(device: str) -> str:

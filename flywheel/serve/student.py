@@ -178,7 +178,6 @@ class StudentModel:
         self._waiting_lock = threading.Lock()  # the engine's thread takes rows while callers add them
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self._grammars = None
 
         async def load_adapter(model_id: str) -> _Adapter:
             return await asyncio.to_thread(self._load, model_id)
@@ -235,15 +234,6 @@ class StudentModel:
                 failed[agent] = str(e)
         return {"loaded": loaded, "failed": failed}
 
-    def _grammar(self, constraint: dict | None) -> Any:
-        if constraint is None:
-            return None
-        if self._grammars is None:
-            from flywheel.serve.grammar import GrammarCompiler
-
-            self._grammars = GrammarCompiler(self.engine.tokenizer, self.engine.model.config.vocab_size)
-        return self._grammars.compile(constraint)
-
     # -- requests ----------------------------------------------------------------------------------------------
     async def _held_adapter(self, model_id: str, tries: int = 3) -> _Adapter:
         """The request's adapter, held (acquired) before anything else can evict it. Under heavy churn the
@@ -269,7 +259,7 @@ class StudentModel:
                          "context_length_exceeded")
             return
         try:
-            grammar = await asyncio.to_thread(self._grammar, constraint)
+            grammar = await asyncio.to_thread(self.engine.grammar, constraint)
         except Exception as e:  # a schema xgrammar cannot compile
             param = getattr(e, "param", None) or "tools"
             yield _error(400, f"{param}: {e}", param, "invalid_schema")
