@@ -172,11 +172,15 @@ def test_serve_config_refuses_scaling_that_cannot_work(change, key):
         ServeConfig(**change)
 
 
-def test_vllm_engine_is_refused_until_it_is_built(tmp_path):
-    from flywheel.serve.app import build_app
+def test_vllm_engine_without_vllm_installed_is_a_clear_error():
+    from flywheel.serve.student import _engine
+    from flywheel.serve.vllm_engine import available, engine_kind
 
-    with pytest.raises(ConfigError, match="planned"):
-        build_app(ServeConfig(home=str(tmp_path), engine="vllm", auth="off"))
+    if available():
+        pytest.skip("vllm is installed in this environment")
+    assert engine_kind("auto") == "hf"  # auto never picks an engine that is not there
+    with pytest.raises(ConfigError, match="vllm package"):
+        _engine(ServeConfig(engine="vllm"))
 
 
 # -- the catalog --------------------------------------------------------------------------------------------------

