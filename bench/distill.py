@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -56,6 +55,8 @@ from collections import defaultdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import save  # noqa: E402  (bench/results.py)
 SHARED = "sgd_shared_tools"  # the registry name of the shared adapter
 SYSTEMS = {"base": "base student", "base_in_context": "base + in-context", "candidate": "distilled",
            "candidate_constrained": "distilled + constrained"}
@@ -67,16 +68,9 @@ METRIC_COLUMNS = (("function_name_accuracy", "function name"), ("name_args_accur
 
 # -- datasets ---------------------------------------------------------------------------------------------------
 def split_rows(store, agent: str, version: str, split: str) -> list[dict]:
-    """A split's rows through `flywheel.datasets.read_split` (train / validation / test; an older version's eval
-    file as test). Without that module: the curate pipeline's reader, "eval" for test, no validation."""
-    try:
-        from flywheel.datasets import read_split
-    except ImportError:
-        from flywheel.curate.pipeline import read_split
+    """A split's rows (train / validation / test; an older version's eval file as test)."""
+    from flywheel.datasets import read_split
 
-        split = {"test": "eval"}.get(split, split)
-        if split == "validation":
-            return []
     return read_split(store, agent, version, split).to_pylist()
 
 
@@ -419,11 +413,8 @@ def main() -> None:
     args = parse_args()
     result = run(args)
     report(result)
-    os.makedirs(os.path.join(REPO, "bench", "out"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "out", f"distill-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    print(f"\nsummary: {os.path.relpath(path, REPO)}; home {result['home']}")
+    save("distill", result)
+    print(f"home {result['home']}")
     print("reproduce: flock /tmp/flywheel-heavy.lock .venv/bin/python bench/distill.py " + shlex.join(sys.argv[1:]))
 
 

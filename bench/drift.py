@@ -52,6 +52,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import save  # noqa: E402  (bench/results.py)
 SGD = os.path.join(REPO, "flywheel", "data", "sgd", "sgd_dev_flywheel_logs.jsonl")
 BANKING = os.path.join(REPO, "flywheel", "data", "banking77")
 OUT = os.path.join(REPO, "bench", "out")
@@ -296,17 +298,13 @@ def main() -> int:
               f"{summary[mix]['within_200']}/{summary[mix]['trials']}, median delay {summary[mix]['median_delay']}, "
               f"max {summary[mix]['max_delay']}")
 
-    os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, f"drift-{time.strftime('%Y%m%dT%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump({"command": " ".join(sys.argv), "config": cfg.__dict__, "args": vars(args),
-                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                               "load": os.getloadavg()},
+    print(f"\n{time.time() - started:.0f} s")
+    save("drift", {"command": " ".join(sys.argv), "config": cfg.__dict__, "args": vars(args),
+                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()},
                    "seconds": round(time.time() - started, 1),
                    "totals": {"windows": total_windows, "drifted_windows": total_drifted, "false_alarms": total_fa,
                               "shift": summary},
-                   "agents": results}, f, indent=1, default=str)
-    print(f"\n{time.time() - started:.0f} s; wrote {path}")
+                   "agents": results})
     return 0
 
 

@@ -14,7 +14,6 @@ bench/out/engine-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import save  # noqa: E402  (bench/results.py)
 
 PROMPTS = ["Find me a flight from San Francisco to Seattle on March 3rd.",
            "I want a table for two at an Italian place in Oakland tonight.",
@@ -170,12 +171,8 @@ def main() -> int:
           f"{same[1]}/{args.rows} rows")
     for key, value in arrival.items():
         print(f"  {key:<52} {value}")
-    os.makedirs(os.path.join(REPO, "bench", "out"), exist_ok=True)
-    out = os.path.join(REPO, "bench", "out", f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(out, "w") as f:
-        json.dump({"args": vars(args), "dtype": str(engine.dtype), "modes": table, "late_arrival": arrival}, f,
-                  indent=1)
-    print(f"  -> {out}")
+    save("engine", {"args": vars(args), "dtype": str(engine.dtype), "modes": table,
+                            "late_arrival": arrival})
     return 0
 
 

@@ -30,6 +30,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import save  # noqa: E402  (bench/results.py)
 LOGS = os.path.join(REPO, "flywheel", "data", "sgd", "sgd_dev_flywheel_logs.jsonl")
 
 
@@ -164,11 +166,8 @@ def main() -> None:
         ap.error("--variants: free plus any of auto, required")
     result = run(args)
     report(result)
-    os.makedirs(os.path.join(REPO, "bench", "out"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "out", f"grammar-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nsummary: {os.path.relpath(path, REPO)}\nreproduce: .venv/bin/python bench/grammar.py --prompts "
+    save("grammar", result)
+    print(f"reproduce: .venv/bin/python bench/grammar.py --prompts "
           f"{args.prompts} --max-new-tokens {args.max_new_tokens} --reps {args.reps} --variants "
           f"{','.join(args.variants)}"
           + (f" --adapter {args.adapter}" if args.adapter else ""))

@@ -11,6 +11,6 @@ def save(kind: str, out: dict) -> str:
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump(out, f, indent=2, default=str)
     print(f"results: {path}")
     return path

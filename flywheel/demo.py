@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 
 from flywheel.config import (ConfigError, CurateConfig, DemoConfig, DistillConfig, EvaluateConfig, MonitorConfig,
                              ServeConfig)
@@ -118,40 +119,52 @@ def _drift_check(cfg: DemoConfig, store: Store, client, logs: str, drift_agent: 
 
 
 def demo(cfg: DemoConfig) -> dict:
-    import ray
-    from openai import OpenAI
-
-    from flywheel.capture.store import ingest_file
-    from flywheel.curate.pipeline import curate
-    from flywheel.datasets import SPLITS, TEST, read_split
-    from flywheel.distill.train import distill
-    from flywheel.evaluate.run import evaluate
-    from flywheel.raycluster import connect_ray
-    from flywheel.schema import to_openai_message
-    from flywheel.serve.app import run as serve_run
-    from flywheel.serve.app import shutdown as serve_shutdown
-    from flywheel.serve.engine import HFEngine
-
+    """The seven steps on one home, each printed as it runs; the summary as a dict (`--json`)."""
     started = time.time()
     prepare_home(cfg.home, cfg.fresh)
     store = Store(cfg.home)
     os.environ["FLYWHEEL_HOME"] = store.uri
     logs = cfg.logs or os.path.join(PACKAGE_DATA, "sgd", "sgd_dev_flywheel_logs.jsonl")
-    if not ray.is_initialized():  # join the Ray running here (Serve, the controller), else start a small one
-        ray_info = connect_ray(start=dict(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
-                                          dashboard_host="127.0.0.1"), configure_logging=False, log_to_driver=True)
-        if ray_info["dashboard_url"]:
-            print(f"Ray dashboard (jobs, actors, Train and Serve): http://{ray_info['dashboard_url']}")
-        if not ray_info["started"] and _serve_running():  # the demo deploys, then shuts down, its own Serve
-            raise ConfigError(f"Ray Serve already runs on the Ray instance at {ray_info['address']} (a `flywheel "
-                              f"serve`?); the demo would replace its app and shut it down: stop it first")
+    _start_ray()
     timings: dict[str, float] = {}
+    _ingest(store, logs, timings)
+    _curate(cfg, store, timings)
+    _distill(cfg, store, timings)
+    reports = _evaluate(cfg, store, timings)
+    answered, drift = _serve_and_monitor(cfg, store, logs, reports)
+    return _summary(cfg, store, reports, answered, drift, timings, started)
+
+
+def _start_ray() -> None:
+    """Join the Ray running here (Serve, the controller), else start a small one with its dashboard."""
+    import ray
+
+    from flywheel.raycluster import connect_ray
+
+    if ray.is_initialized():
+        return
+    ray_info = connect_ray(start=dict(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
+                                      dashboard_host="127.0.0.1"), configure_logging=False, log_to_driver=True)
+    if ray_info["dashboard_url"]:
+        print(f"Ray dashboard (jobs, actors, Train and Serve): http://{ray_info['dashboard_url']}")
+    if not ray_info["started"] and _serve_running():  # the demo deploys, then shuts down, its own Serve
+        raise ConfigError(f"Ray Serve already runs on the Ray instance at {ray_info['address']} (a `flywheel "
+                          f"serve`?); the demo would replace its app and shut it down: stop it first")
+
+
+def _ingest(store: Store, logs: str, timings: dict) -> None:
+    from flywheel.capture.store import ingest_file
 
     say(f"1/7 ingest {logs} into {store.uri}")
     t = time.time()
     ing = ingest_file(store, logs)
     timings["ingest"] = time.time() - t
     print(f"{ing['accepted']} records accepted, {ing['quarantined']} quarantined, {len(ing['agents'])} agents")
+
+
+def _curate(cfg: DemoConfig, store: Store, timings: dict) -> None:
+    from flywheel.curate.pipeline import curate
+    from flywheel.datasets import SPLITS
 
     say(f"2/7 curate on Ray Data: {', '.join(cfg.agents)}")
     t = time.time()
@@ -162,16 +175,27 @@ def demo(cfg: DemoConfig) -> dict:
                  for a, m in manifests.items()],
                 ["agent", "version", "in", *SPLITS, "quarantined", "reasons", "pii redacted"]))
 
+
+def _distill(cfg: DemoConfig, store: Store, timings: dict) -> None:
+    from flywheel.distill.train import distill
+
     say(f"3/7 distill a LoRA adapter per agent on Ray Train (2 workers, {cfg.max_steps} steps)")
-    trained = {}
     for agent in cfg.agents:
         t = time.time()
-        trained[agent] = distill(DistillConfig(agent=agent, base_model=cfg.base_model, max_steps=cfg.max_steps,
-                                               batch_size=cfg.batch_size), store)
+        r = distill(DistillConfig(agent=agent, base_model=cfg.base_model, max_steps=cfg.max_steps,
+                                  batch_size=cfg.batch_size), store)
         timings[f"distill {agent}"] = time.time() - t
-        r = trained[agent]
         print(f"{agent}: {r['version']} steps={r['steps']} loss={r['loss']:.3f} "
               f"{r['tokens_per_s']:.0f} tok/s, {r['train_time_s']:.0f}s")
+
+
+EVALUATED = ("teacher", "base", "base_in_context", "candidate", "candidate_constrained")
+
+
+def _evaluate(cfg: DemoConfig, store: Store, timings: dict) -> dict[str, dict]:
+    """Score every agent on its test split, gate and promote; {agent: evaluation report}."""
+    from flywheel.evaluate.run import evaluate
+    from flywheel.serve.engine import HFEngine
 
     say("4/7 evaluate teacher vs base vs distilled on held-out traffic, gate, promote")
     engine = HFEngine(cfg.base_model)
@@ -185,12 +209,11 @@ def demo(cfg: DemoConfig) -> dict:
                        store, engine=engine, progress=True)
         timings[f"evaluate {agent}"] = time.time() - t
         reports[agent] = rep
-        for system in [s for s in ("teacher", "base", "base_in_context", "candidate") if s in rep]:
+        for system in [s for s in EVALUATED if s in rep]:
             r = rep[system]
-            rows.append([agent, system if system != "candidate" else f"distilled {rep['candidate_version']}",
-                         f"{r['function_name_accuracy']:.2f}", f"{r['name_args_accuracy']:.2f}",
-                         f"{r['slot_f1']:.2f}", f"{r['valid_tool_call']:.2f}", r.get("s_per_request") or "-"])
-    del engine
+            label = system.replace("candidate", f"distilled {rep['candidate_version']}").replace("_", " ")
+            rows.append([agent, label, f"{r['function_name_accuracy']:.2f}", f"{r['name_args_accuracy']:.2f}",
+                         f"{r['slot_f1']:.2f}", _num(r.get("valid_call")), r.get("s_per_request") or "-"])
     print(table(rows, ["agent", "system", "function name", "name+args", "slot F1", "valid call", "s/request"]))
     for agent, rep in reports.items():
         gate = rep["gate"]
@@ -198,35 +221,29 @@ def demo(cfg: DemoConfig) -> dict:
               f"({gate['metric']} lower bound {_num(gate.get('candidate_lower'))} vs threshold "
               f"{_num(gate.get('threshold'))}); "
               f"promoted={rep['promoted']}; report {rep['report']}")
+    return reports
+
+
+def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict) -> tuple[dict, dict]:
+    """Serve the promoted students, call them with the official client, then check drift; (answered, drift)."""
+    from openai import OpenAI
+
+    from flywheel.serve.app import run as serve_run
+    from flywheel.serve.app import shutdown as serve_shutdown
 
     say(f"5/7 serve on Ray Serve at http://127.0.0.1:{cfg.port}/v1 and call it with the official openai client")
     url = serve_run(ServeConfig(home=store.uri, base_model=cfg.base_model, port=cfg.port, replica_cpus=1.0,
                                 routing_ttl_s=0.5, blocking=False))
     client = OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=120)
     print("models:", [m.id for m in client.models.list().data][:6], "...")
-    answered = {}
     promoted = [a for a in cfg.agents if reports[a]["promoted"]]
+    answered = {}
     for agent in cfg.agents:
         if agent not in promoted:
             print(f"{agent}: not promoted (the gate failed), so Serve sends it to the teacher; none is configured "
                   "in the demo: train longer (--max-steps) to see its student answer")
             continue
-        held_out = read_split(store, agent, reports[agent]["dataset_version"], TEST).to_pylist()
-        ok = 0
-        for i, ex in enumerate(held_out[:cfg.live_requests]):
-            msgs = [to_openai_message(m) for m in ex["messages"]]
-            resp = client.chat.completions.create(model=agent, messages=msgs, tools=json.loads(ex["tools_json"]),
-                                                  max_tokens=96)
-            choice = resp.choices[0]
-            got = [c.function.name for c in choice.message.tool_calls or []]
-            want = [c["name"] for c in ex["target"]["tool_calls"] or []]
-            ok += got == want
-            if i == 0:
-                print(f"{agent} <- {msgs[-1]['content']!r}")
-                print(f"{agent} -> finish_reason={choice.finish_reason} tool_calls="
-                      f"{[(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]}")
-        answered[agent] = {"requests": cfg.live_requests, "function_name_matches": ok}
-        print(f"{agent}: {ok}/{cfg.live_requests} live answers call the teacher's function")
+        answered[agent] = _live_requests(cfg, store, client, agent, reports[agent]["dataset_version"])
 
     say("6/7 monitor: Evidently drift of live traffic against the training reference")
     calm, shifted, route = {}, {}, {"mode": "-"}
@@ -235,7 +252,34 @@ def demo(cfg: DemoConfig) -> dict:
     else:
         calm, shifted, route = _drift_check(cfg, store, client, logs, promoted[0])
     serve_shutdown()
+    return answered, {"in_domain": calm.get("verdict"), "shifted": shifted.get("verdict"), "route": route["mode"]}
 
+
+def _live_requests(cfg: DemoConfig, store: Store, client: Any, agent: str, version: str) -> dict:
+    """The agent's first `live_requests` test examples through Serve; how many call the teacher's function."""
+    from flywheel.datasets import TEST, read_split
+    from flywheel.schema import to_openai_message
+
+    held_out = read_split(store, agent, version, TEST).to_pylist()
+    ok = 0
+    for i, ex in enumerate(held_out[:cfg.live_requests]):
+        msgs = [to_openai_message(m) for m in ex["messages"]]
+        resp = client.chat.completions.create(model=agent, messages=msgs, tools=json.loads(ex["tools_json"]),
+                                              max_tokens=96)
+        choice = resp.choices[0]
+        got = [c.function.name for c in choice.message.tool_calls or []]
+        want = [c["name"] for c in ex["target"]["tool_calls"] or []]
+        ok += got == want
+        if i == 0:
+            print(f"{agent} <- {msgs[-1]['content']!r}")
+            print(f"{agent} -> finish_reason={choice.finish_reason} tool_calls="
+                  f"{[(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]}")
+    print(f"{agent}: {ok}/{cfg.live_requests} live answers call the teacher's function")
+    return {"requests": cfg.live_requests, "function_name_matches": ok}
+
+
+def _summary(cfg: DemoConfig, store: Store, reports: dict, answered: dict, drift: dict, timings: dict,
+             started: float) -> dict:
     say("7/7 summary")
     total = time.time() - started
     print(table([[k, f"{v:.0f}s"] for k, v in timings.items()] + [["total", f"{total:.0f}s"]], ["stage", "time"]))
@@ -245,10 +289,9 @@ def demo(cfg: DemoConfig) -> dict:
     print(f"everything is under {store.uri} (datasets, adapters, registry, reports, monitor)")
     return {"home": store.uri, "agents": list(cfg.agents), "total_s": round(total, 1),
             "distilled_beats_base": better,
-            "evaluation": {a: {s: reports[a][s] for s in ("teacher", "base", "candidate")} for a in cfg.agents},
-            "promoted": {a: reports[a]["promoted"] for a in cfg.agents}, "live": answered,
-            "drift": {"in_domain": calm.get("verdict"), "shifted": shifted.get("verdict"), "route": route["mode"]}}
-
+            "evaluation": {a: {s: reports[a][s] for s in ("teacher", "base", "candidate") if s in reports[a]}
+                           for a in cfg.agents},
+            "promoted": {a: reports[a]["promoted"] for a in cfg.agents}, "live": answered, "drift": drift}
 
 if __name__ == "__main__":
     from flywheel.cli import main

@@ -55,7 +55,6 @@ from flywheel.config import CurateConfig
 from flywheel.curate import card, filters
 from flywheel.curate.reviewed import Review, label_lineage, read_review
 from flywheel.datasets import SPLITS, latest_version, pinned_sessions, split_file, split_name
-from flywheel.datasets import read_split  # noqa: F401  (bench/distill.py imports it from here, for now)
 from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE
 from flywheel.storage import Store
 
@@ -261,15 +260,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
                else pads.dataset(CLEAN.empty_table()))  # no new logs: new review decisions only
     prior = _read_keys(store, f"datasets/{agent}/{base.version}/keys.parquet") if base else []
     prior_ids = {r["record_id"] for r in prior}
-    seen = set(prior_ids)
-    fresh = []
-    new_keys = cleaned.to_table(columns=list(dict.fromkeys(KEYS + ["detail"])),
-                                filter=pads.field("agent_id") == agent).to_pylist()
-    for r in new_keys:
-        if r["record_id"] not in seen:  # a replayed record (same id) counts once; the earlier copy stays
-            seen.add(r["record_id"])
-            fresh.append(r)
-    del new_keys
+    fresh = _new_records(cleaned, agent, prior_ids)
     clean_reasons = Counter(r["reason"] for r in fresh if r["reason"] is not None)  # before the decisions
     carried = [r for r in prior if r["final_reason"] is None]
     rows = carried + [r for r in fresh if r["reason"] is None]  # the pool the whole-agent decisions see
@@ -320,24 +311,12 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     t0 = time.time()
     prefix = f"{staging}/{agent}"
     written = _write_rows(store, prefix, cfg, agent, decided, cleaned, base)
-    key_rows = []
-    for r in every:
-        reason, detail, label, task, split = decided[r["record_id"]]
-        row = {k: r.get(k) for k in KEYS}
-        if r["record_id"] in in_pool:  # the pool entered the decisions unmarked, with these labels
-            row["label"], row["task"], row["timestamp"] = raw[r["record_id"]]
-            row["reason"] = None
-        key_rows.append({**row, "final_reason": reason, "final_detail": detail, "final_label": label,
-                         "final_task": task, "split": split})
-    write_parquet(store, f"{prefix}/keys.parquet", pa.Table.from_pylist(key_rows, schema=KEYS_FILE))
+    _write_keys(store, prefix, every, decided, {i: raw[i] for i in in_pool})
     write_s = time.time() - t0
 
     n_in = len(every)
     kept_rows = [r for r in every if decided[r["record_id"]][4] is not None]
     reviewed = label_lineage(kept_rows, [r for r in every if decided[r["record_id"]][4] is None], review)
-    pii: Counter = Counter()
-    for r in kept_rows:
-        pii.update(json.loads(r["pii"] or "{}"))
     task, labels, sessions = _split_summary(kept_rows, decided)
     own = (ingest or {}).get(agent, Counter())
     decide_reasons = Counter(r["reason"] for r in rows if r["reason"] is not None)
@@ -347,7 +326,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
                    **{split: written[split] for split in SPLITS},
                    "duplicates": reasons.get(filters.R_DUPLICATE, 0), "review_labels": reviewed["labels"]},
         "reasons": dict(sorted(reasons.items())), "labels": labels, "sessions": sessions,
-        "pii": dict(sorted(pii.items())), "config": config,
+        "pii": _pii_counts(kept_rows), "config": config,
         "stages": {
             "ingest": {"quarantined": sum(own.values()), "reasons": dict(sorted(own.items())),
                        "unattributed": sum((ingest or {}).get("", {}).values())},
@@ -374,6 +353,40 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3),
                              "card": round(time.time() - t0, 3)}
     return manifest, prefix
+
+
+def _new_records(cleaned: pads.Dataset, agent: str, prior_ids: set[str]) -> list[dict]:
+    """The agent's cleaned records not in the previous version; a replayed record (same id) counts once."""
+    seen, fresh = set(prior_ids), []
+    for r in cleaned.to_table(columns=list(dict.fromkeys(KEYS + ["detail"])),
+                              filter=pads.field("agent_id") == agent).to_pylist():
+        if r["record_id"] not in seen:  # the earlier copy stays
+            seen.add(r["record_id"])
+            fresh.append(r)
+    return fresh
+
+
+def _write_keys(store: Store, prefix: str, every: list[dict], decided: dict[str, tuple],
+                pool: dict[str, tuple]) -> None:
+    """keys.parquet: every record's keys and its final decision; `pool` ({record_id: (label, task, timestamp)})
+    is what entered this run's decisions unmarked, with those labels."""
+    key_rows = []
+    for r in every:
+        reason, detail, label, task, split = decided[r["record_id"]]
+        row = {k: r.get(k) for k in KEYS}
+        if r["record_id"] in pool:
+            row["label"], row["task"], row["timestamp"] = pool[r["record_id"]]
+            row["reason"] = None
+        key_rows.append({**row, "final_reason": reason, "final_detail": detail, "final_label": label,
+                         "final_task": task, "split": split})
+    write_parquet(store, f"{prefix}/keys.parquet", pa.Table.from_pylist(key_rows, schema=KEYS_FILE))
+
+
+def _pii_counts(rows: list[dict]) -> dict[str, int]:
+    pii: Counter = Counter()
+    for r in rows:
+        pii.update(json.loads(r["pii"] or "{}"))
+    return dict(sorted(pii.items()))
 
 
 def _split_summary(kept_rows: list[dict], decided: dict[str, tuple]) -> tuple[str, dict, dict]:

@@ -340,13 +340,7 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
     results = _tuner(cfg, job, store, callbacks).fit()
     keys = (*METRICS[task], "eval_loss", "valid_answers", "eval_examples", *TRAIN_KEYS)
     trials = _trials(results, _saved_statuses(store, name), keys)
-    for t in trials:
-        if t["status"] != "unfinished" and t["trial_id"] not in state["tracked"]:
-            run_id = tracking.log_sweep_trial(cfg.agent, name, t["trial_id"], t["params"], t["history"],
-                                              parent_run_id=state["mlflow_run_id"],
-                                              tags={"flywheel.status": t["status"]}, store=store, uri=uri)
-            if run_id:
-                state["tracked"][t["trial_id"]] = run_id
+    _track_trials(cfg, store, name, trials, state)
     summary = {"agent": cfg.agent, "name": name, "dataset_version": version, "task": task, "metric": metric,
                "mode": job["mode"], "status": "completed", "sweep_s": round(time.time() - started, 1),
                "experiment": store.path(f"sweeps/{name}/tune"), "mlflow_run_id": state["mlflow_run_id"],
@@ -362,6 +356,31 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
         state |= {"status": "interrupted", "summary": summary}
         store.write_json(state_rel, state)
         return summary
+    _publish_best(cfg, store, job, trials, state, summary)
+    state |= {"status": "completed", "summary": summary}
+    store.write_json(state_rel, state)
+    return summary
+
+
+def _track_trials(cfg: SweepConfig, store: Store, name: str, trials: list[dict], state: dict) -> None:
+    """Log each finished trial once as a child run of the sweep's tracking run (ids kept in `state`)."""
+    from flywheel import tracking
+
+    for t in trials:
+        if t["status"] != "unfinished" and t["trial_id"] not in state["tracked"]:
+            run_id = tracking.log_sweep_trial(cfg.agent, name, t["trial_id"], t["params"], t["history"],
+                                              parent_run_id=state["mlflow_run_id"],
+                                              tags={"flywheel.status": t["status"]}, store=store,
+                                              uri=cfg.tracking_uri)
+            if run_id:
+                state["tracked"][t["trial_id"]] = run_id
+
+
+def _publish_best(cfg: SweepConfig, store: Store, job: dict, trials: list[dict], state: dict, summary: dict) -> None:
+    """The best trial (on validation) into `summary`; its adapter registered (`cfg.register`) and tracked."""
+    from flywheel import tracking
+
+    name, metric = job["name"], job["metric"]
     best = pick_best(trials, metric, job["mode"])
     if best is None:
         raise ValueError(f"sweep {name!r}: no trial finished with a {metric!r} score; errors: "
@@ -375,12 +394,9 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
             tracking.log_run(cfg.agent, f"sweep {name}", run_id=state["mlflow_run_id"],
                              params={f"best.{k}": v for k, v in best["params"].items()},
                              metrics={f"best.{k}": v for k, v in best["metrics"].items()},
-                             artifacts={"adapter": adapter}, store=store, uri=uri,
+                             artifacts={"adapter": adapter}, store=store, uri=cfg.tracking_uri,
                              tags={"flywheel.best_trial": best["trial_id"],
                                    "flywheel.registered": summary["registered"] or "-"})
-    state |= {"status": "completed", "summary": summary}
-    store.write_json(state_rel, state)
-    return summary
 
 
 def _register(store: Store, job: dict, best: dict, adapter: str) -> dict:

@@ -140,6 +140,13 @@ def _retry(status: int, message: str, code: str, seconds: float, type: str = "se
     return err
 
 
+def _replica_lost(exc: BaseException) -> bool:
+    """The replica answering a call died or became unreachable (Ray raises, or Serve wraps, an actor error)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError) or isinstance(exc.__cause__, RayActorError)
+
+
 def _last_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip()[:300] if lines else type(exc).__name__
@@ -390,6 +397,8 @@ class Ingress:
         except StopAsyncIteration:
             raise APIError(502, "the student's stream ended without an answer", "server_error",
                            "student_error") from None
+        except Exception as e:
+            raise self._student_failed(call, e) from None
         completion = self._completion(call, text, done)
         await self._capture(call, completion)
         self._answered(call, STUDENT, False, completion["usage"])
@@ -419,14 +428,23 @@ class Ingress:
             raise APIError(504, f"the student did not start within request_timeout_s ({self.cfg.request_timeout_s}s)",
                            "server_error", "timeout") from None
         except Exception as e:
-            raise APIError(500, f"the student ({call.route.model_id}) failed: {_last_line(e)}", "server_error",
-                           "student_error") from None
+            raise self._student_failed(call, e) from None
         if "error" in first:
             err = first["error"]
             if err["status"] == 503:
                 raise _retry(503, err["message"], err.get("code") or "unavailable", self.cfg.retry_after_s)
             raise APIError(err["status"], err["message"], "invalid_request_error", err.get("code"), err.get("param"))
         return first
+
+    def _student_failed(self, call: _Call, e: Exception) -> APIError:
+        """A lost replica is 503 with Retry-After (nothing was captured; Serve is replacing it): a retry is safe.
+        Anything else the student raised is 500."""
+        if _replica_lost(e):
+            logger.warning("the student replica answering %s was lost: %s", call.id, _last_line(e))
+            return _retry(503, f"the student replica serving {call.route.model_id!r} was lost mid-answer; nothing "
+                          "was recorded, retry", "replica_lost", self.cfg.retry_after_s)
+        return APIError(500, f"the student ({call.route.model_id}) failed: {_last_line(e)}", "server_error",
+                        "student_error")
 
     def _completion(self, call: _Call, text: str, done: dict) -> dict:
         return completion_from_text(call.req.model, text, done["prompt_tokens"], done["completion_tokens"],
