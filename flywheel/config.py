@@ -385,7 +385,8 @@ def _check_serve_scaling(cfg: Any) -> None:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)}")
     for key in ("student_target_ongoing_requests", "teacher_replica_cpus", "upscale_delay_s",
-                "teacher_upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s", "num_replicas"):
+                "teacher_upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s", "num_replicas",
+                "prewarm_hot_agents"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
     for key in ("teacher_max_ongoing_requests", "autoscale_top_agents"):
@@ -457,6 +458,9 @@ class ServeConfig:
     autoscale_metrics_interval_s: float = 10.0  # replicas push their figures to the Serve controller this often
     traffic_window_s: float = 60.0  # per-agent request rates and traffic shares are counted over this
     autoscale_top_agents: int = 32  # the busiest agents are reported to the policy one by one, the rest together
+    # a new student replica loads the production adapters of this many of the busiest agents (as the Ingress last
+    # counted them) before traffic reaches it; 0: none
+    prewarm_hot_agents: int = 16
 
     def __post_init__(self):
         if self.auth not in ("auto", "keys", "off"):

@@ -22,7 +22,7 @@ from flywheel.config import ConfigError, ServeConfig
 from flywheel.registry.registry import Registry
 from flywheel.routing import STUDENT, TEACHER, register_agent, set_route
 from flywheel.serve.autoscale import (INGRESS, FlywheelPolicy, Traffic, TrafficWindow, autoscaling_config, combine,
-                                      desired_replicas, latest_reports, read_report, report)
+                                      desired_replicas, hot_agents, latest_reports, read_report, report)
 from flywheel.serve.catalog import Catalog, route_of
 from flywheel.storage import Store
 
@@ -65,6 +65,14 @@ def test_report_reads_back_into_the_same_traffic():
     both = combine([traffic, read_report(report({"b": 1.0}, routes, {STUDENT: 0.5}, top=2))])
     assert both.rate == 11.0 and both.teacher_rate == pytest.approx(7.0) and both.latency == {TEACHER: 2.0,
                                                                                              STUDENT: 0.5}
+
+
+def test_hot_agents_are_the_busiest_the_student_answers():
+    rates = {"a": 5.0, "b": 9.0, "c": 7.0, "d": 1.0, "e": 7.0}
+    routes = {"a": (STUDENT, False), "b": (TEACHER, True), "c": (STUDENT, False), "d": (STUDENT, False),
+              "e": (STUDENT, False)}
+    assert hot_agents(rates, routes, 3) == ["c", "e", "a"]  # b is on the teacher; ties by name
+    assert hot_agents(rates, routes, 0) == [] and hot_agents({}, {}, 4) == []
 
 
 def test_latest_reports_drop_keys_missing_from_the_newest_report():

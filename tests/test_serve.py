@@ -25,7 +25,7 @@ from flywheel.capture.ingest import reassemble_stream
 from flywheel.capture.store import LogStore
 from flywheel.config import ServeConfig
 from flywheel.registry.registry import Registry
-from flywheel.routing import register_agent, set_route
+from flywheel.routing import STUDENT, register_agent, set_route
 from flywheel.schema import LOG_RECORD
 from flywheel.serve.protocol import APIError, completion_from_text, parse_request, stream_events
 from flywheel.serve.teacher import HTTPTeacher, TeacherError
@@ -314,3 +314,56 @@ def test_a_corrupt_adapter_fails_only_its_agent_and_prewarm_loads_production(ser
     assert warmed["loaded"] == ["sgd_Restaurants@v1"]
     assert warmed["failed"]["sgd_Hotels"] == "no production adapter" and "sgd_Corrupt" in warmed["failed"]
     assert "sgd_Restaurants@v1" in student_info()["resident"]
+
+
+def test_a_promotion_is_prewarmed_before_its_first_request(served, client):
+    """The Ingress's catalog sees a new production adapter and asks the student to load it: it is resident
+    before anyone has called that agent."""
+    registry = Registry(served.store)
+    entry = registry.register("sgd_Warm", make_adapter(served.cfg.base_model, str(served.root / "warm"), 7),
+                              {"dataset_version": "test", "base_model": served.cfg.base_model})
+    registry.promote("sgd_Warm", entry["version"])
+    set_route(served.store, "sgd_Warm", STUDENT, "promoted: test")
+    time.sleep(served.cfg.routing_ttl_s + 0.3)
+    client.chat.completions.create(model="sgd_Flights", messages=ASK, max_tokens=2)  # any request refreshes
+    deadline = time.monotonic() + 60
+    while "sgd_Warm@v1" not in student_info()["adapters"]:
+        assert time.monotonic() < deadline, student_info()
+        time.sleep(0.3)
+    assert "sgd_Warm@v1" in student_info()["resident"]
+    r = client.chat.completions.with_raw_response.create(model="sgd_Warm", messages=ASK, max_tokens=2)
+    assert r.headers["x-flywheel-backend"] == "student:sgd_Warm@v1"
+
+
+def test_a_new_student_replica_prewarms_the_busiest_agents(served, client):
+    """The Ingress writes the busiest student agents into the home; a replacement replica loads their adapters
+    before any request reaches it."""
+    import ray
+
+    from flywheel.serve.autoscale import HOT_AGENTS
+
+    deadline = time.monotonic() + 90
+    while not (served.store.read_json(HOT_AGENTS) or {}).get("agents"):  # Serve asks for the figures periodically
+        client.chat.completions.create(model="sgd_Flights", messages=ASK, max_tokens=2)
+        assert time.monotonic() < deadline, "the Ingress never wrote the busiest agents"
+        time.sleep(1.0)
+    assert "sgd_Flights" in served.store.read_json(HOT_AGENTS)["agents"]
+    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#StudentModel#" in a["name"]
+              and a["name"].startswith("SERVE_REPLICA::flywheel#")]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    deadline = time.monotonic() + 120
+    while True:  # the replacement: only handle calls reach it until this test sends a request
+        try:
+            info = student_info()
+            if info["prewarmed_at_start"]:
+                break
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "the new replica did not prewarm"
+        time.sleep(0.5)
+    # the busiest that fit the replica (max_adapters_per_replica 2); an earlier test's broken adapter fails alone
+    hot = served.store.read_json(HOT_AGENTS)["agents"][:served.cfg.max_adapters_per_replica]
+    loadable = [a for a in hot if a != "sgd_Corrupt"]
+    assert info["requests"] == 0 and info["prewarmed_at_start"] == len(loadable)
+    registry = Registry(served.store)
+    assert {f"{a}@{registry.alias(a)['version']}" for a in loadable} <= set(info["resident"])

@@ -60,7 +60,8 @@ from flywheel.ids import is_valid_id
 from flywheel.prompts import chat_messages
 from flywheel.routing import STUDENT, TEACHER
 from flywheel.serve.auth import KeyStore, Principal, RateLimiter, is_loopback
-from flywheel.serve.autoscale import INGRESS, TrafficGauges, TrafficWindow, autoscaling_config, report
+from flywheel.serve.autoscale import (HOT_AGENTS, HOT_AGENTS_EVERY_S, INGRESS, TrafficGauges, TrafficWindow,
+                                      autoscaling_config, hot_agents, report)
 from flywheel.serve.catalog import Catalog, Route, Snapshot, route_of
 from flywheel.serve.metrics import ServeMetrics
 from flywheel.serve.protocol import (APIError, ChatCompletionRequest, completion_from_text, error_body, new_id,
@@ -183,6 +184,7 @@ class Ingress:
         self.pages = ReviewRoutes(self, self.store, cfg.auth, self.keys)
         self._keys_exist: tuple[float, bool] = (0.0, False)
         self._tasks: set[asyncio.Task] = set()
+        self._hot: tuple[float, list[str]] = (0.0, [])
 
     def __del__(self) -> None:
         """Serve calls this at a graceful shutdown: seal the open WAL segment so it is compacted at once."""
@@ -272,7 +274,20 @@ class Ingress:
                 routes[agent] = (route_of(entry).backend, entry.route == TEACHER)
         figures = report(rates, routes, self.traffic.latency(), self.cfg.autoscale_top_agents)
         self.gauges.set(figures)
+        await self._publish_hot(hot_agents(rates, routes, self.cfg.prewarm_hot_agents))
         return figures
+
+    async def _publish_hot(self, agents: list[str]) -> None:
+        """The busiest student agents into the home, for the next student replica to prewarm (when the list
+        changed, at most every HOT_AGENTS_EVERY_S; with several Ingress replicas the last writer's view wins)."""
+        at, last = self._hot
+        if not agents or agents == last or time.monotonic() - at < HOT_AGENTS_EVERY_S and last:
+            return
+        self._hot = (time.monotonic(), agents)
+        try:
+            await asyncio.to_thread(self.store.write_json, HOT_AGENTS, {"agents": agents, "written": time.time()})
+        except Exception as e:  # the figures still reach the policy; a new replica then loads on first request
+            logger.warning("cannot write %s: %s", HOT_AGENTS, e)
 
     # -- health and catalog ------------------------------------------------------------------------------------
     @api.get("/healthz")

@@ -70,7 +70,7 @@ SCALING_FIELDS = ("num_replicas", "ingress_min_replicas", "ingress_max_replicas"
                   "teacher_target_ongoing_requests", "teacher_max_ongoing_requests", "teacher_replica_cpus",
                   "teacher_latency_s", "upscale_delay_s", "teacher_upscale_delay_s", "downscale_delay_s",
                   "downscale_to_zero_delay_s", "autoscale_look_back_s", "autoscale_metrics_interval_s",
-                  "traffic_window_s", "autoscale_top_agents", "max_queued_requests")
+                  "traffic_window_s", "autoscale_top_agents", "prewarm_hot_agents", "max_queued_requests")
 
 
 # -- what one Ingress replica saw -----------------------------------------------------------------------------
@@ -146,6 +146,16 @@ def report(rates: Mapping[str, float], routes: Mapping[str, tuple[str, bool]], l
             figures["rest/drift"] += share * drift
     figures.update({f"latency/{backend}": seconds for backend, seconds in latency.items()})
     return figures
+
+
+HOT_AGENTS = "serve/hot_agents.json"  # under the home: the busiest student agents, for new student replicas
+HOT_AGENTS_EVERY_S = 10.0  # an Ingress rewrites it at most this often (when the list changed)
+
+
+def hot_agents(rates: Mapping[str, float], routes: Mapping[str, tuple[str, bool]], n: int) -> list[str]:
+    """The `n` busiest agents the student answers now, busiest first: what a new student replica prewarms."""
+    on_student = [a for a in rates if routes.get(a, (None, False))[0] == STUDENT]
+    return sorted(on_student, key=lambda a: (-rates[a], a))[:n]
 
 
 # -- what the whole app saw -----------------------------------------------------------------------------------

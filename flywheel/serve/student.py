@@ -4,6 +4,9 @@ batch, answers streamed token by token.
     handle.options(multiplexed_model_id="sgd_Flights@v2", stream=True).stream.remote(turns, sampling, constraint)
     handle.prewarm.remote(["sgd_Flights"])     # after a promotion: load the production adapters before traffic
 
+A new replica prewarms by itself: it loads the production adapters of the busiest agents the Ingress last wrote to
+`serve/hot_agents.json` (`prewarm_hot_agents`), so a scale-up or a replacement starts warm.
+
 Adapters live in three tiers. (1) Resident: a slot of the engine's LoRA pool (`max_resident_adapters` slots, LRU,
 `flywheel.serve.lora`); a batch mixes any resident adapters in one forward pass. (2) On the node's disk: adapters
 from an s3:// home are copied once into `adapter_cache_dir` (shared by every replica on the node; a local home is
@@ -175,7 +178,8 @@ class StudentModel:
         self.engine = _engine(cfg)
         self.disk = AdapterCache(self.store, cfg.adapter_cache_dir)
         self.context = min(self.engine.context_length, cfg.max_context_tokens or self.engine.context_length)
-        self.stats = {"requests": 0, "cancelled": 0, "adapter_loads": 0, "adapter_failures": 0}
+        self.stats = {"requests": 0, "cancelled": 0, "adapter_loads": 0, "adapter_failures": 0,
+                      "prewarmed_at_start": 0}
         self._model_ids: dict[str, str] = {}  # engine adapter name -> "<agent>@<version>"
         self._waiting: list[Any] = []
         self._waiting_lock = threading.Lock()  # the engine's thread takes rows while callers add them
@@ -187,6 +191,12 @@ class StudentModel:
 
         # Wired here rather than as a decorator: the cache size comes from the config.
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+        self._warming: asyncio.Task | None = None
+        if cfg.prewarm_hot_agents:
+            try:  # Serve runs the constructor on the replica's event loop: warm up beside the first requests
+                self._warming = asyncio.get_running_loop().create_task(self._prewarm_hot())
+            except RuntimeError:  # constructed outside an event loop (a plain object in a test): nothing to warm
+                pass
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def _load(self, model_id: str) -> _Adapter:
@@ -236,6 +246,23 @@ class StudentModel:
             except AdapterError as e:
                 failed[agent] = str(e)
         return {"loaded": loaded, "failed": failed}
+
+    async def _prewarm_hot(self) -> None:
+        """A new replica (a scale-up, a replacement) loads the busiest agents' adapters the Ingress last counted
+        (`serve/hot_agents.json`), so Serve's model-id routing can send their traffic here warm."""
+        from flywheel.serve.autoscale import HOT_AGENTS
+
+        try:
+            hot = await asyncio.to_thread(self.store.read_json, HOT_AGENTS)
+        except Exception as e:
+            logger.warning("cannot read %s (%s): no prewarm", HOT_AGENTS, e)
+            return
+        room = min(self.cfg.prewarm_hot_agents, self.cfg.max_adapters_per_replica, self.cfg.max_resident_adapters)
+        agents = list((hot or {}).get("agents") or [])[:room]  # busiest first: more would evict the busiest
+        if agents:
+            result = await self.prewarm(agents)
+            self.stats["prewarmed_at_start"] = len(result["loaded"])
+            logger.info("prewarmed the busiest agents at start: %s", result)
 
     # -- requests ----------------------------------------------------------------------------------------------
     async def _held_adapter(self, model_id: str, tries: int = 3) -> _Adapter:
