@@ -351,3 +351,41 @@ def test_on_ray_drift_scales_the_teacher_proxy_and_back(ray_session, tiny_model,
     assert len(teacher.seen) >= 4 and all(b["model"] == "sgd_Slow" for b in teacher.seen)
     print(json.dumps({"scale_up_s": round(up, 1), "scale_down_s": round(down, 1), "requests": len(statuses),
                       "test_s": round(time.monotonic() - start, 1)}))
+
+
+def test_a_hot_agent_overflows_to_a_second_student_replica(ray_session, tiny_model, tmp_path):
+    """One agent's burst beyond what one replica takes (max_ongoing_requests 8) is not pinned to the replica that
+    holds its adapter: Serve's multiplexed router sends the overflow to the other, which loads the adapter too."""
+    from ray import serve
+
+    from flywheel.serve.app import run, shutdown
+    from serving import ASK, free_port, make_adapter
+
+    import httpx
+
+    store = Store(str(tmp_path / "home"))
+    registry = Registry(store)
+    entry = registry.register("sgd_Hot", make_adapter(tiny_model, str(tmp_path / "hot"), seed=3),
+                              {"dataset_version": "test", "base_model": tiny_model})
+    registry.promote("sgd_Hot", entry["version"])
+    cfg = ServeConfig(home=store.uri, base_model=tiny_model, port=free_port(), num_replicas=2, replica_cpus=0.5,
+                      max_new_tokens=24, max_batch_size=4, batch_wait_s=0.02, routing_ttl_s=0.3,
+                      prewarm_hot_agents=0)
+    serve.shutdown()
+    url = run(cfg)
+    try:
+        _wait_replicas("StudentModel", lambda n: n == 2, timeout_s=60)
+
+        def ask(_: int) -> tuple[int, str]:
+            r = httpx.post(f"{url}/chat/completions", json={"model": "sgd_Hot", "messages": ASK, "max_tokens": 24},
+                           timeout=120)
+            return r.status_code, r.headers.get("x-flywheel-replica", "")
+
+        assert ask(0)[0] == 200  # one replica now holds sgd_Hot's adapter
+        with concurrent.futures.ThreadPoolExecutor(14) as pool:  # more than one replica's 8 at once
+            answers = list(pool.map(ask, range(28)))
+    finally:
+        shutdown()
+    assert {status for status, _ in answers} == {200}
+    replicas = {replica for _, replica in answers}
+    assert "" not in replicas and len(replicas) == 2, sorted(replicas)

@@ -21,9 +21,9 @@ Three deployments, each autoscaled between its min and max replicas (`flywheel.s
   write-ahead log (`LogStore.append`, fsynced) before the answer is complete: a plain answer is returned after the
   append, a streamed answer sends its final chunk and `[DONE]` after it. `x-flywheel-record-id` is the captured
   record's id; `x-flywheel-backend` (and `system_fingerprint`) names what answered, e.g.
-  `student:sgd_Flights@v2` or `teacher:<model>`. It counts each agent's traffic and hands the autoscaling
-  policy (and the dashboard) traffic shares and routes; when its catalog sees an agent move to a student adapter
-  (a promotion) it asks the student to prewarm it.
+  `student:sgd_Flights@v2` or `teacher:<model>`; `x-flywheel-replica` the student replica that decoded it. It
+  counts each agent's traffic and hands the autoscaling policy (and the dashboard) traffic shares and routes;
+  when its catalog sees an agent move to a student adapter (a promotion) it asks the student to prewarm it.
 - `StudentModel` (`flywheel.serve.student`) holds one engine and streams each answer as it is decoded.
 - `TeacherProxy` (`flywheel.serve.teacher`, only with a `teacher_url`) calls the teacher endpoint; it scales up
   as soon as drift routes busy agents to the teacher.
@@ -396,7 +396,8 @@ class Ingress:
         handle = self.student.options(multiplexed_model_id=call.route.model_id, stream=True)
         stream = handle.stream.remote(turns, dataclasses.asdict(sampling), constraint)
         first = await self._first(stream, call)
-        headers = {"x-flywheel-backend": f"student:{call.route.model_id}", "x-flywheel-record-id": call.id}
+        headers = {"x-flywheel-backend": f"student:{call.route.model_id}", "x-flywheel-record-id": call.id,
+                   "x-flywheel-replica": first.get("replica", "")}
         if req.stream:
             return StreamingResponse(self._sse(stream, first, call), media_type="text/event-stream", headers=headers)
         text, done = "", first

@@ -32,8 +32,8 @@ decode steps, up to `max_batch_size` rows at once, so a request arriving while a
 next step. Each row's text goes back to its caller as it is decoded. A caller that goes away (client disconnect
 -> `CancelledError`) flags its row, which ends at the next token.
 
-`stream()` yields dicts: `{"text": "..."}` increments, then one `{"done": true, "finish_reason", "prompt_tokens",
-"completion_tokens"}`; or a single `{"error": {...}}` (HTTP status, message, param) when the request cannot be run
+`stream()` yields dicts: `{"text": "..."}` increments (the first also carries `"replica"`, this replica's id), then
+one `{"done": true, "finish_reason", "prompt_tokens", "completion_tokens"}`; or a single `{"error": {...}}` (HTTP status, message, param) when the request cannot be run
 (prompt too long; adapter missing or corrupt: 503 `adapter_unavailable`, that agent only), before any text.
 `info()`: counters (requests, forward passes, mixed batches, adapter loads / reloads / evictions / failures) and
 the adapters held and resident.
@@ -192,6 +192,10 @@ class StudentModel:
         # Wired here rather than as a decorator: the cache size comes from the config.
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
         self._warming: asyncio.Task | None = None
+        try:  # named in each answer's first item, so a response says which replica produced it
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve
+            self.replica = ""
         if cfg.prewarm_hot_agents:
             try:  # Serve runs the constructor on the replica's event loop: warm up beside the first requests
                 self._warming = asyncio.get_running_loop().create_task(self._prewarm_hot())
@@ -300,10 +304,13 @@ class StudentModel:
             yield _error(503, str(e), "model", "adapter_unavailable")
             return
         try:
+            first = True
             async for item in self._decode(turns, adapter.name, params, grammar, prompt_ids):
                 self.stats["requests"] += "done" in item
                 if "error" in item:
                     self.stats["adapter_failures"] += 1
+                elif first:
+                    item, first = {**item, "replica": self.replica}, False
                 yield item
         finally:
             await adapter.release()
