@@ -23,15 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import save  # noqa: E402  (bench/results.py)
+from serve import PROMPTS as SERVE_PROMPTS  # noqa: E402  (bench/serve.py)
 
-PROMPTS = ["Find me a flight from San Francisco to Seattle on March 3rd.",
-           "I want a table for two at an Italian place in Oakland tonight.",
-           "Book a hotel in Paris for three nights starting Friday.",
-           "What's the weather going to be like in Denver tomorrow?",
-           "Play something by Taylor Swift in the living room.",
-           "I need a ride to the airport at 6 am.",
-           "Write a short poem about the sea.",
-           "Explain what a LoRA adapter is in two sentences."]
+PROMPTS = SERVE_PROMPTS + ["Write a short poem about the sea.", "Explain what a LoRA adapter is in two sentences."]
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
