@@ -311,7 +311,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     t0 = time.time()
     prefix = f"{staging}/{agent}"
     written = _write_rows(store, prefix, cfg, agent, decided, cleaned, base)
-    _write_keys(store, prefix, every, decided, {i: raw[i] for i in in_pool})
+    _write_keys(store, prefix, every, decided, raw)  # raw: exactly the pool, by record id
     write_s = time.time() - t0
 
     n_in = len(every)

@@ -33,8 +33,9 @@ next step. Each row's text goes back to its caller as it is decoded. A caller th
 -> `CancelledError`) flags its row, which ends at the next token.
 
 `stream()` yields dicts: `{"text": "..."}` increments (the first also carries `"replica"`, this replica's id), then
-one `{"done": true, "finish_reason", "prompt_tokens", "completion_tokens"}`; or a single `{"error": {...}}` (HTTP status, message, param) when the request cannot be run
-(prompt too long; adapter missing or corrupt: 503 `adapter_unavailable`, that agent only), before any text.
+one `{"done": true, "finish_reason", "prompt_tokens", "completion_tokens"}`; or a single `{"error": {...}}` (HTTP
+status, message, param) when the request cannot be run (prompt too long; adapter missing or corrupt: 503
+`adapter_unavailable`, that agent only), before any text.
 `info()`: counters (requests, forward passes, mixed batches, adapter loads / reloads / evictions / failures) and
 the adapters held and resident.
 """
