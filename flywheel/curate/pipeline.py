@@ -259,84 +259,116 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
                             schema=CLEAN) if store.exists(f"{staging}/cleaned")
                else pads.dataset(CLEAN.empty_table()))  # no new logs: new review decisions only
     prior = _read_keys(store, f"datasets/{agent}/{base.version}/keys.parquet") if base else []
-    prior_ids = {r["record_id"] for r in prior}
-    fresh = _new_records(cleaned, agent, prior_ids)
-    clean_reasons = Counter(r["reason"] for r in fresh if r["reason"] is not None)  # before the decisions
-    carried = [r for r in prior if r["final_reason"] is None]
-    rows = carried + [r for r in fresh if r["reason"] is None]  # the pool the whole-agent decisions see
-    raw = {r["record_id"]: (r["label"], r["task"], r["timestamp"]) for r in rows}
-    for r in carried:
-        r["detail"] = None
-        r["timestamp"] = float("-inf")  # the previous version's examples are first in time: a late copy loses
-    # what people said, before duplicates: a replaced original must not win over its label, or block it
-    filters.set_aside_reviewed(rows, review.superseded, review.negative, review.labels)
-    n_dup = filters.mark_duplicates(rows)
-    # --- near-duplicates across the agent's whole history, then the label-balanced cap ---
-    filters.mark_near_duplicates(rows, cfg.near_dup_threshold)
-    filters.cap_examples(rows, cfg.max_examples_per_agent, cfg.seed)
-    # --- end of near-duplicates and cap ---
-    kept = [r for r in rows if r["reason"] is None]
-    filters.settle_task(kept)
-    for r in carried:
-        r["timestamp"] = raw[r["record_id"]][2]
+    pool = _Pool(prior, _new_records(cleaned, agent, {r["record_id"] for r in prior}))
+    pool.decide(cfg, review)
     config = _digest_config(cfg)
-    every = prior + fresh
-    ids = sorted(r["record_id"] for r in every)
+    ids = sorted(r["record_id"] for r in pool.every)
     version = digest(agent, ids, config, n=12) if review.digest is None else \
         digest(agent, ids, config, review.digest, n=12)
     if store.exists(f"datasets/{agent}/{version}/manifest.json"):  # same input, same output: retry-safe
         if latest_version(store, agent) != version:  # a crash between publish and LATEST: finish the job
             store.write_json(f"datasets/{agent}/LATEST", {"version": version})
         return store.read_json(f"datasets/{agent}/{version}/manifest.json"), None
-    in_pool = {r["record_id"] for r in rows}
-
-    def decision(r: dict) -> tuple:  # (reason, detail, label, task)
-        if r["record_id"] in in_pool or r["record_id"] not in prior_ids:  # decided now
-            return r["reason"], r["detail"], r["label"], r["task"]
-        return r["final_reason"], r["final_detail"], r["final_label"], r["final_task"]
-
-    reasons = Counter(d[0] for d in map(decision, every) if d[0] is not None)
-    if len(kept) < cfg.min_examples:
+    reasons = Counter(d[0] for d in map(pool.decision, pool.every) if d[0] is not None)
+    if len(pool.kept) < cfg.min_examples:
         return {"agent": agent, "version": None, "published": False,
-                "error": f"only {len(kept)} usable examples (< min_examples={cfg.min_examples}); "
+                "error": f"only {len(pool.kept)} usable examples (< min_examples={cfg.min_examples}); "
                          f"reasons: {dict(reasons)}"}, None
     pinned = ({r["session_id"]: split_name(r["split"]) for r in prior if r["split"]} if base else
               pinned_sessions(store, agent, latest_version(store, agent)))
-    splits = filters.split_groups(kept, cfg.validation_fraction, cfg.test_fraction, cfg.min_held_out_per_label,
-                                  cfg.seed, pinned, min_label_count=cfg.min_label_count)
-    decided = {r["record_id"]: (*decision(r), splits[r["session_id"]] if r["record_id"] in in_pool
-                                and r["reason"] is None else None) for r in every}
+    decided = pool.split(cfg, pinned)
     decide_s = time.time() - t0
 
     t0 = time.time()
     prefix = f"{staging}/{agent}"
     written = _write_rows(store, prefix, cfg, agent, decided, cleaned, base)
-    _write_keys(store, prefix, every, decided, raw)  # raw: exactly the pool, by record id
+    _write_keys(store, prefix, pool.every, decided, pool.raw)  # raw: exactly the pool, by record id
     write_s = time.time() - t0
 
-    n_in = len(every)
+    manifest = _manifest(store, agent, version, run, config, pool, decided, reasons, written, base, parts_read,
+                         (ingest or {}).get(agent, Counter()), sum((ingest or {}).get("", {}).values()), review)
+    t0 = time.time()
+    card.write_card(store, prefix, manifest)
+    store.write_json(f"{prefix}/manifest.json", manifest)  # last: a folder without it is not a version
+    manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3),
+                             "card": round(time.time() - t0, 3)}
+    return manifest, prefix
+
+
+class _Pool:
+    """One agent's records for a new version: the previous version's (`prior`, key columns) and the new ones
+    (`fresh`). `decide` runs the whole-agent decisions (review, duplicates, near-duplicates, cap, task) over the
+    pool: the previous version's kept examples plus the new records that passed cleaning."""
+
+    def __init__(self, prior: list[dict], fresh: list[dict]):
+        self.prior, self.fresh, self.every = prior, fresh, prior + fresh
+        self.prior_ids = {r["record_id"] for r in prior}
+        self.clean_reasons = Counter(r["reason"] for r in fresh if r["reason"] is not None)  # before the decisions
+        self.carried = [r for r in prior if r["final_reason"] is None]
+        self.rows = self.carried + [r for r in fresh if r["reason"] is None]  # what the decisions see
+        self.raw = {r["record_id"]: (r["label"], r["task"], r["timestamp"]) for r in self.rows}
+        self.in_pool = {r["record_id"] for r in self.rows}
+        self.kept: list[dict] = []
+        self.n_dup = 0
+
+    def decide(self, cfg: CurateConfig, review: Review) -> None:
+        for r in self.carried:
+            r["detail"] = None
+            r["timestamp"] = float("-inf")  # the previous version's examples are first in time: a late copy loses
+        # what people said, before duplicates: a replaced original must not win over its label, or block it
+        filters.set_aside_reviewed(self.rows, review.superseded, review.negative, review.labels)
+        self.n_dup = filters.mark_duplicates(self.rows)
+        # near-duplicates across the agent's whole history, then the label-balanced cap
+        filters.mark_near_duplicates(self.rows, cfg.near_dup_threshold)
+        filters.cap_examples(self.rows, cfg.max_examples_per_agent, cfg.seed)
+        self.kept = [r for r in self.rows if r["reason"] is None]
+        filters.settle_task(self.kept)
+        for r in self.carried:
+            r["timestamp"] = self.raw[r["record_id"]][2]
+
+    def decision(self, r: dict) -> tuple:
+        """(reason, detail, label, task): decided now for the pool and new records, else as the previous version
+        decided it."""
+        if r["record_id"] in self.in_pool or r["record_id"] not in self.prior_ids:
+            return r["reason"], r["detail"], r["label"], r["task"]
+        return r["final_reason"], r["final_detail"], r["final_label"], r["final_task"]
+
+    def split(self, cfg: CurateConfig, pinned: dict[str, str]) -> dict[str, tuple]:
+        """{record id: (reason, detail, label, task, split or None)} for every record."""
+        splits = filters.split_groups(self.kept, cfg.validation_fraction, cfg.test_fraction,
+                                      cfg.min_held_out_per_label, cfg.seed, pinned,
+                                      min_label_count=cfg.min_label_count)
+        return {r["record_id"]: (*self.decision(r), splits[r["session_id"]] if r["record_id"] in self.in_pool
+                                 and r["reason"] is None else None) for r in self.every}
+
+
+def _manifest(store: Store, agent: str, version: str, run: str, config: dict, pool: _Pool,
+              decided: dict[str, tuple], reasons: Counter, written: dict, base: Base | None, parts_read: list[str],
+              own: Counter, unattributed: int, review: Review) -> dict:
+    """The version's manifest: counts (which must add up), reasons, splits, PII, each stage's in/out, lineage."""
+    every = pool.every
     kept_rows = [r for r in every if decided[r["record_id"]][4] is not None]
     reviewed = label_lineage(kept_rows, [r for r in every if decided[r["record_id"]][4] is None], review)
     task, labels, sessions = _split_summary(kept_rows, decided)
-    own = (ingest or {}).get(agent, Counter())
-    decide_reasons = Counter(r["reason"] for r in rows if r["reason"] is not None)
+    decide_reasons = Counter(r["reason"] for r in pool.rows if r["reason"] is not None)
     manifest = {
         "agent": agent, "version": version, "published": True, "created": time.time(), "run": run, "task": task,
-        "counts": {"in": n_in, "kept": len(kept_rows), "quarantined": written["quarantine"],
+        "counts": {"in": len(every), "kept": len(kept_rows), "quarantined": written["quarantine"],
                    **{split: written[split] for split in SPLITS},
                    "duplicates": reasons.get(filters.R_DUPLICATE, 0), "review_labels": reviewed["labels"]},
         "reasons": dict(sorted(reasons.items())), "labels": labels, "sessions": sessions,
         "pii": _pii_counts(kept_rows), "config": config,
         "stages": {
             "ingest": {"quarantined": sum(own.values()), "reasons": dict(sorted(own.items())),
-                       "unattributed": sum((ingest or {}).get("", {}).values())},
-            "previous": {"version": base.version if base else None, "in": len(prior), "kept": len(carried)},
-            "clean": {"in": len(fresh), "out": len(fresh) - sum(clean_reasons.values()),
-                      "reasons": dict(sorted(clean_reasons.items()))},
-            "decide": {"in": len(rows), "out": len(kept), "reasons": dict(sorted(decide_reasons.items())),
-                       "duplicates_new": n_dup},
+                       "unattributed": unattributed},
+            "previous": {"version": base.version if base else None, "in": len(pool.prior),
+                         "kept": len(pool.carried)},
+            "clean": {"in": len(pool.fresh), "out": len(pool.fresh) - sum(pool.clean_reasons.values()),
+                      "reasons": dict(sorted(pool.clean_reasons.items()))},
+            "decide": {"in": len(pool.rows), "out": len(pool.kept), "reasons": dict(sorted(decide_reasons.items())),
+                       "duplicates_new": pool.n_dup},
         },
-        "lineage": {"log_records": n_in, "record_ids_digest": digest(sorted(r["record_id"] for r in every)),
+        "lineage": {"log_records": len(every), "record_ids_digest": digest(sorted(r["record_id"] for r in every)),
                     "previous": latest_version(store, agent), "incremental": base is not None,
                     "parts": sorted(set(base.parts if base else ()) | set(parts_read)), "parts_read": parts_read,
                     "watermark": max((r["timestamp"] for r in every if r["timestamp"] is not None), default=None),
@@ -347,12 +379,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
     c = manifest["counts"]
     if not (c["in"] == c["kept"] + c["quarantined"] and c["kept"] == sum(c[split] for split in SPLITS)):
         raise AssertionError(f"{agent}: counts do not add up: {c}")
-    t0 = time.time()
-    card.write_card(store, prefix, manifest)
-    store.write_json(f"{prefix}/manifest.json", manifest)  # last: a folder without it is not a version
-    manifest["timings_s"] = {"decide": round(decide_s, 3), "write": round(write_s, 3),
-                             "card": round(time.time() - t0, 3)}
-    return manifest, prefix
+    return manifest
 
 
 def _new_records(cleaned: pads.Dataset, agent: str, prior_ids: set[str]) -> list[dict]:

@@ -328,7 +328,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from flywheel.distill.data import answer_loss, collate, length_buckets
+    from flywheel.distill.data import length_buckets
 
     cfg = DistillConfig(**config["cfg"])
     store = Store(config["home"])
@@ -340,12 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     teacher = _load_teacher(cfg)
     model = _lora_model(cfg, store, config.get("init_adapter"))
-    sources = [tuple(s) for s in config["sources"]]
-    encoded = _encoded(store, tokenizer, cfg, sources, TRAIN, cfg.max_examples)
-    if not encoded:
-        raise ValueError(f"{cfg.agent}: no training example fits in max_length={cfg.max_length}")
-    val = _encoded(store, tokenizer, cfg, sources, VALIDATION) if cfg.validation_every else []
-    val = val[:cfg.validation_max_examples] if cfg.validation_max_examples else val
+    encoded, val = _worker_data(store, tokenizer, cfg, [tuple(s) for s in config["sources"]])
     # micro-batches per worker per epoch, rounded down to whole optimizer steps
     per_epoch = max(1, len(length_buckets(encoded, cfg.batch_size, 0)) // world // cfg.grad_accum) * cfg.grad_accum
     steps_per_epoch = per_epoch // cfg.grad_accum
@@ -366,39 +361,64 @@ def train_loop_per_worker(config: dict) -> None:
             if state["step"] >= total:
                 break
             _maybe_fail(cfg, store, config["run_name"], state["step"], checkpointed, rank, world)
-            for j, batch in enumerate(batches[i:i + cfg.grad_accum]):
-                inputs = {k: (v.to(backend.device) if hasattr(v, "to") else v)
-                          for k, v in collate(batch, tokenizer.pad_token_id).items()}
-                with backend.micro_batch(boundary=j == cfg.grad_accum - 1):
-                    with backend.autocast:
-                        loss, _ = answer_loss(backend.model, inputs, teacher, cfg.kd_weight, cfg.kd_temperature)
-                    backend.backward(loss)
-                state["tokens"] += int(inputs["attention_mask"].sum())
-                losses.append(float(loss.detach()))
-            backend.step()
-            state["step"] += 1
+            _optimizer_step(backend, batches[i:i + cfg.grad_accum], tokenizer.pad_token_id, teacher, cfg, state,
+                            losses)
             if rank == 0 and (state["step"] % 5 == 0 or state["step"] == total):
                 # stderr, not print(): Ray Train's print patch would show each line twice on the driver
                 sys.stderr.write(f"[distill {cfg.agent}] step {state['step']}/{total} loss {losses[-1]:.3f}\n")
             if val and (state["step"] % cfg.validation_every == 0 or state["step"] == total):
                 best = _validate(backend, val, tokenizer.pad_token_id, cfg, state, best)
             stopped = bool(state["validation"]["stopped_at"])
-            end_of_epoch = state["step"] % steps_per_epoch == 0
-            if state["step"] == total or end_of_epoch or stopped or \
+            if state["step"] == total or state["step"] % steps_per_epoch == 0 or stopped or \
                     (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
-                elapsed = time.time() - started
-                v = state["validation"]
-                metrics = {"step": state["step"], "epoch": state["step"] / steps_per_epoch,
-                           "loss": sum(losses) / len(losses),
-                           "tokens_per_s_per_worker": state["tokens"] / max(elapsed, 1e-9) if resumed_at == 0 else 0.0,
-                           "resumed_at": resumed_at, "total_steps": total, "train_examples": len(encoded),
-                           **({"validation_loss": v["best"], "best_step": v["best_step"], "stopped_at": v["stopped_at"],
-                               "validation_examples": len(val), "validation_history": v["history"]} if val else {})}
+                metrics = {**_run_metrics(state, losses, steps_per_epoch, total, time.time() - started, resumed_at),
+                           "train_examples": len(encoded), **(_validation_metrics(state, len(val)) if val else {})}
                 losses = []
                 _checkpoint(backend, state, best, rank, metrics, store, config.get("local_checkpoint"))
                 checkpointed = state["step"]
             if stopped:
                 break
+
+
+def _worker_data(store: Store, tokenizer: Any, cfg: DistillConfig,
+                 sources: list[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+    """(encoded training examples, encoded validation examples; none when early stopping is off)."""
+    encoded = _encoded(store, tokenizer, cfg, sources, TRAIN, cfg.max_examples)
+    if not encoded:
+        raise ValueError(f"{cfg.agent}: no training example fits in max_length={cfg.max_length}")
+    val = _encoded(store, tokenizer, cfg, sources, VALIDATION) if cfg.validation_every else []
+    return encoded, val[:cfg.validation_max_examples] if cfg.validation_max_examples else val
+
+
+def _optimizer_step(backend: Any, micro_batches: list[list[dict]], pad_id: int, teacher: Any, cfg: DistillConfig,
+                    state: dict, losses: list[float]) -> None:
+    """One optimizer step over `micro_batches` (gradient accumulation); counts tokens and records each loss."""
+    from flywheel.distill.data import answer_loss, collate
+
+    for j, batch in enumerate(micro_batches):
+        inputs = {k: (v.to(backend.device) if hasattr(v, "to") else v) for k, v in collate(batch, pad_id).items()}
+        with backend.micro_batch(boundary=j == cfg.grad_accum - 1):
+            with backend.autocast:
+                loss, _ = answer_loss(backend.model, inputs, teacher, cfg.kd_weight, cfg.kd_temperature)
+            backend.backward(loss)
+        state["tokens"] += int(inputs["attention_mask"].sum())
+        losses.append(float(loss.detach()))
+    backend.step()
+    state["step"] += 1
+
+
+def _run_metrics(state: dict, losses: list[float], steps_per_epoch: int, total: int, elapsed: float,
+                 resumed_at: int) -> dict:
+    """What a checkpoint reports: step, epoch, mean loss since the last report, throughput (first attempt only)."""
+    return {"step": state["step"], "epoch": state["step"] / steps_per_epoch, "loss": sum(losses) / len(losses),
+            "tokens_per_s_per_worker": state["tokens"] / max(elapsed, 1e-9) if resumed_at == 0 else 0.0,
+            "resumed_at": resumed_at, "total_steps": total}
+
+
+def _validation_metrics(state: dict, n_val: int) -> dict:
+    v = state["validation"]
+    return {"validation_loss": v["best"], "best_step": v["best_step"], "stopped_at": v["stopped_at"],
+            "validation_examples": n_val, "validation_history": v["history"]}
 
 
 def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str]], run_name: str,
