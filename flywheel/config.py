@@ -132,7 +132,7 @@ class CurateConfig:
         if self.batch_size < 1 or self.write_batch_rows < 1:
             raise ConfigError(f"batch_size, write_batch_rows: must be >= 1, got {self.batch_size}, "
                               f"{self.write_batch_rows}")
-        from flywheel.curate import pii  # stdlib-only at import; Presidio itself loads only when used
+        from flywheel import pii  # stdlib-only at import; Presidio itself loads only when used
 
         try:
             pii.parse_allow(self.pii_allow)

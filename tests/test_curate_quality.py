@@ -12,7 +12,8 @@ import pytest
 
 from flywheel.config import ConfigError, CurateConfig
 from flywheel.curate import filters as F
-from flywheel.curate import near_dup, pii
+from flywheel import pii
+from flywheel.curate import near_dup
 from flywheel.schema import message
 
 TOOLS = [

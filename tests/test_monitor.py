@@ -140,7 +140,7 @@ def test_features_are_pure_and_shared():
     assert features.reference_features(example) == {k: row[k] for k in features.reference_features(example)}
     assert row["backend"] == "student" and row["invalid"] is None and row["shadow"] is None
     # answers: unusable ones get curation's reason codes
-    problem = features.answer_problem
+    problem = features.invalid_reason
     assert problem(tools, call) is None
     assert problem(tools, {"tool_calls": [{"name": "Nope", "arguments": "{}"}]}) == "unknown_tool"
     assert problem(tools, {"tool_calls": [{"name": "SearchOnewayFlight", "arguments": "[1]"}]}) == "bad_tool_arguments"

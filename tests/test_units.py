@@ -13,6 +13,7 @@ from flywheel import config as C
 from flywheel.curate import filters as F
 from flywheel.evaluate.gate import decide
 from flywheel.evaluate.metrics import norm_value, score, score_tool_call, wilson_lower
+from flywheel.pii import Redactor
 from flywheel.prompts import chat_messages, format_answer, parse_answer, render_tool
 from flywheel.registry.registry import PromotionConflict, Registry, RegistryError
 from flywheel.schema import message
@@ -55,7 +56,7 @@ def test_history_is_capped_and_system_and_tools_lead():
 
 # --- curation filters ------------------------------------------------------------------------------------
 def test_redaction_is_consistent_between_prompt_and_answer():
-    redact = F.Redactor()
+    redact = Redactor()
     prompt = F.redact_message(message("user", "mail jane.doe@example.com or call 415-555-0132"), redact)
     answer = F.redact_message(message("assistant", None, [call("Notify", email="jane.doe@example.com")]), redact)
     assert "jane.doe" not in prompt["content"] and "415-555-0132" not in prompt["content"]
@@ -64,7 +65,7 @@ def test_redaction_is_consistent_between_prompt_and_answer():
 
 
 def test_cards_need_a_valid_checksum_and_dates_are_not_phones():
-    redact = F.Redactor()
+    redact = Redactor()
     assert redact("card 4111 1111 1111 1111") == "card <CARD_1>"
     assert redact("order 1234 5678 9012 3456") == "order 1234 5678 9012 3456"  # fails Luhn
     assert redact("on 2019-03-01 at 10:30") == "on 2019-03-01 at 10:30"

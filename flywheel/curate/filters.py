@@ -4,7 +4,7 @@
 
 No Ray here. Every function is deterministic, so a rerun gives the same dataset. Per batch (`clean_batch`):
 validate and label each record, score toxicity once for the batch, redact PII consistently per record
-(`flywheel.curate.pii`: regex always, Presidio for the agents that ask), then compute the exact dedup key and
+(`flywheel.pii`: regex always, Presidio for the agents that ask), then compute the exact dedup key and
 the MinHash signature (`flywheel.curate.near_dup`). Per agent, on the small key columns: what people said
 (`set_aside_reviewed`), exact duplicates, near-duplicates, classifier or free text, a label-balanced cap, the
 session-grouped stratified train/validation/test split (`split_groups`).
@@ -28,35 +28,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter, defaultdict
 from typing import Any, Collection, Iterable, Mapping
 
+from flywheel import pii
+from flywheel.checks import (R_BAD_ARGS, R_EMPTY, R_REFUSAL, R_SCHEMA, R_UNKNOWN_TOOL,  # noqa: F401  (reason codes)
+                             answer_problem, class_label, dedup_key, normalise_text)
 from flywheel.config import CurateConfig
-from flywheel.curate import near_dup, pii, quality
-from flywheel.curate.pii import PII_PATTERNS, Redactor, _luhn  # noqa: F401  (re-exported: monitor, tests)
+from flywheel.curate import near_dup, quality
 from flywheel.curate.near_dup import mark_near_duplicates  # noqa: F401  (re-exported: the pipeline)
+from flywheel.pii import Redactor
 
 R_OVERSIZED = "oversized_record"
 R_NO_USER = "no_user_turn"
-R_EMPTY = "empty_answer"
-R_REFUSAL = "refusal"
-R_UNKNOWN_TOOL = "unknown_tool"
-R_BAD_ARGS = "bad_tool_arguments"
 R_NEGATIVE = "negative_feedback"
 R_DUPLICATE = "duplicate"
 R_STUDENT = "student_answer"
 R_TOXIC = quality.R_TOXIC
-R_SCHEMA = quality.R_SCHEMA
 R_TOO_LONG = quality.R_TOO_LONG
 R_TOO_SHORT = quality.R_TOO_SHORT
 R_NEAR_DUP = near_dup.R_NEAR_DUP
 R_OVER_CAP = "over_agent_cap"
 R_REVIEWED = "reviewed"
 RARE = "__rare__"  # the stratum of labels too small to stratify on their own
-
-REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:no|')t (?:help|assist)|as an ai\b|i am unable to|"
-                        r"i'm unable to)", re.IGNORECASE)
 
 
 # --- PII (one text at a time; `clean_batch` redacts whole records with `pii.redact_record`) ----------------
@@ -93,35 +87,12 @@ def _redact_json(args: str | None, redact: Redactor) -> str | None:
 
 
 # --- labels, keys ----------------------------------------------------------------------------------------
-def normalise_text(text: str | None) -> str:
-    return re.sub(r"\s+", " ", (text or "").strip().lower())
 
 
-def class_label(content: str | None) -> str | None:
-    """A short answer (`[[Earnings]]`, `positive`) as a class label candidate; None for prose."""
-    text = normalise_text(content).strip("[](){}<>\"'`.:; ")
-    return text if text and len(text.split()) <= 6 and len(text) <= 64 else None
 
 
-def dedup_key(agent: str, messages: list[dict], tools_json: str) -> str:
-    """Exact-duplicate key: the agent plus the normalised request (every turn and the declared tools).
-
-    The whole request, not just the last user turn: in multi-turn logs "yes, thanks" recurs with different
-    context and different correct answers.
-    """
-    parts = [agent, tools_json or "[]"]
-    for m in messages:
-        parts.append(f"{m.get('role')}:{normalise_text(m.get('content'))}")
-        for tc in m.get("tool_calls") or []:
-            parts.append(f"call:{tc.get('name')}:{tc.get('arguments')}")
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
-def tool_names(tools_json: str | None) -> set[str]:
-    try:
-        return {t["function"]["name"] for t in json.loads(tools_json or "[]") if "function" in t}
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return set()
 
 
 def review_marks(extra_json: str | None) -> tuple[int, str | None]:
@@ -179,29 +150,14 @@ def _check(row: dict, max_record_bytes: int, cfg: CurateConfig) -> dict:
         return reject(R_STUDENT, f"answered by {row['model']}; only the teacher's answers are training targets")
     if row.get("feedback") is not None and row["feedback"] < 0:
         return reject(R_NEGATIVE, f"user feedback {row['feedback']}")
+    problem = answer_problem(out["tools_json"], answer)
+    if problem:
+        return reject(*problem)
     calls = answer.get("tool_calls") or []
     if calls:
-        declared = tool_names(out["tools_json"])
-        for tc in calls:
-            if declared and tc["name"] not in declared:
-                return reject(R_UNKNOWN_TOOL, f"{tc['name']!r} is not among the declared tools {sorted(declared)}")
-            try:
-                args = json.loads(tc.get("arguments") or "{}")
-                if not isinstance(args, dict):
-                    raise ValueError
-            except ValueError:
-                return reject(R_BAD_ARGS, f"arguments of {tc['name']!r} are not a JSON object")
-            violation = quality.schema_violation(out["tools_json"], tc["name"], args)
-            if violation:
-                return reject(R_SCHEMA, violation)
-        out["task"], out["label"] = "tool_call", "+".join(sorted({tc["name"] for tc in calls}))
+        out["task"], out["label"] = "tool_call", "+".join(sorted({tc.get("name") or "" for tc in calls}))
     else:
-        content = (answer.get("content") or "").strip()
-        if not content:
-            return reject(R_EMPTY, "the answer has neither text nor tool calls")
-        if REFUSAL_RE.match(content):
-            return reject(R_REFUSAL, content[:120])
-        label = class_label(content)
+        label = class_label(answer.get("content"))
         out["task"], out["label"] = ("classification", label) if label else ("text", "text")
     bounds = quality.length_violation(out["messages"], answer, cfg.max_prompt_chars, cfg.max_answer_chars,
                                       cfg.min_answer_chars)

@@ -23,7 +23,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Callable, Sequence
 
-from flywheel.curate.filters import class_label, normalise_text
+from flywheel.checks import class_label, normalise_text
 from flywheel.prompts import DEFAULT_RE
 
 PRIMARY = {"tool_call": "function_name_accuracy", "classification": "accuracy", "text": "token_f1"}

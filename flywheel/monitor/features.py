@@ -43,7 +43,7 @@ def words(text: str) -> list[str]:
 
 def last_user_text(messages: Sequence[dict[str, Any]] | None) -> str:
     """The content of the last user message, PII-redacted as curation redacts the reference ("" when none)."""
-    from flywheel.curate.filters import Redactor
+    from flywheel.pii import Redactor
 
     for m in reversed(list(messages or [])):
         if m.get("role") == "user":
@@ -62,7 +62,7 @@ def n_tools(tools_json: str | None) -> int:
 
 def request_key(agent: str, messages: Sequence[dict[str, Any]] | None, tools_json: str | None) -> str:
     """Curation's exact-duplicate key of the whole request (every turn and the declared tools)."""
-    from flywheel.curate.filters import dedup_key
+    from flywheel.checks import dedup_key
 
     return dedup_key(agent, list(messages or []), tools_json or "[]")[:16]
 
@@ -76,6 +76,14 @@ def input_features(messages: Sequence[dict[str, Any]] | None, tools_json: str | 
 
 
 # -- answers -------------------------------------------------------------------------------------------------------
+def invalid_reason(tools_json: str | None, answer: dict[str, Any] | None) -> str | None:
+    """Why an answer is unusable, as curation's reason code (`flywheel.checks.answer_problem`), or None."""
+    from flywheel.checks import answer_problem
+
+    problem = answer_problem(tools_json, answer)
+    return problem[0] if problem else None
+
+
 def answer_label(answer: dict[str, Any] | None) -> str:
     """The tool name(s) an answer calls, comma-joined and sorted; "text" for a plain answer, "none" without one."""
     if not answer:
@@ -83,31 +91,6 @@ def answer_label(answer: dict[str, Any] | None) -> str:
     names = sorted(tc.get("name") or "" for tc in answer.get("tool_calls") or [])
     return ",".join(names) if names else "text"
 
-
-def answer_problem(tools_json: str | None, answer: dict[str, Any] | None) -> str | None:
-    """Why an answer is unusable, as curation's reason code, or None: a called tool that is not declared, arguments
-    that are not a JSON object or break the tool's schema, no text and no call, a refusal."""
-    from flywheel.curate import filters, quality
-
-    calls = (answer or {}).get("tool_calls") or []
-    if not calls:
-        content = ((answer or {}).get("content") or "").strip()
-        if not content:
-            return filters.R_EMPTY
-        return filters.R_REFUSAL if filters.REFUSAL_RE.match(content) else None
-    declared = filters.tool_names(tools_json)
-    for tc in calls:
-        if declared and tc.get("name") not in declared:
-            return filters.R_UNKNOWN_TOOL
-        try:
-            args = json.loads(tc.get("arguments") or "{}")
-        except ValueError:
-            return filters.R_BAD_ARGS
-        if not isinstance(args, dict):
-            return filters.R_BAD_ARGS
-        if quality.schema_violation(tools_json or "[]", tc.get("name") or "", args):
-            return filters.R_SCHEMA
-    return None
 
 
 def _calls(answer: dict[str, Any] | None) -> tuple[list[str], list[Any]]:
@@ -151,7 +134,7 @@ def quality_features(record: dict[str, Any]) -> dict[str, Any]:
     other = shadow.get("response") if isinstance(shadow, dict) else None
     feedback = record.get("feedback")
     return {"backend": backend(record.get("model")),
-            "invalid": answer_problem(record.get("tools_json"), record.get("response")),
+            "invalid": invalid_reason(record.get("tools_json"), record.get("response")),
             "fallback": bool(extra.get("fallback")),
             "feedback": float(feedback) if feedback is not None else None,
             "shadow": agreement(record.get("response"), other) if isinstance(other, dict) else None}

@@ -71,7 +71,7 @@ def _extra(record: dict) -> dict:
 
 def invalid_tool_call(record: dict) -> str | None:
     """Why the record's answer is a broken tool call, or None."""
-    from flywheel.curate.quality import schema_violation
+    from flywheel.checks import schema_violation
 
     tools_json = record.get("tools_json") or "[]"
     try:
