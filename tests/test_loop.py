@@ -130,4 +130,4 @@ def test_real_student_trains_a_few_steps_and_answers(ray_session, store, sgd_sam
     report = evaluate(EvaluateConfig(agent="sgd_Flights", base_model=student_path, max_examples=2,
                                      max_new_tokens=40, min_examples=1, in_context_k=0), store)
     assert report["candidate"]["n"] == 2 and report["base"]["n"] == 2
-    assert report["base"]["valid_tool_call"] <= 1.0 and report["gate"]["metric"] == "function_name_accuracy"
+    assert report["base"]["tool_call_rate"] <= 1.0 and report["gate"]["metric"] == "function_name_accuracy"

@@ -2,7 +2,8 @@
 
 - tool calling: function-name accuracy (the multiset of called functions matches), name+arguments accuracy (the
   multiset of whole calls matches, in any order), call F1 (partial credit over whole calls, for multi-call
-  answers), argument (slot) F1, and the share of answers that parse as tool calls at all;
+  answers), argument (slot) F1, and `tool_call_rate`: the share of answers that make any parseable tool call,
+  right or wrong (the schema check is `valid_call` in `flywheel.evaluate.run`);
 - classification: accuracy and macro-F1 over the teacher's labels;
 - free text: token-overlap F1 (an LLM judge is optional, see `flywheel.evaluate.judge`).
 
@@ -27,9 +28,9 @@ from flywheel.checks import class_label, normalise_text
 from flywheel.prompts import DEFAULT_RE
 
 PRIMARY = {"tool_call": "function_name_accuracy", "classification": "accuracy", "text": "token_f1"}
-METRICS = {"tool_call": ("function_name_accuracy", "name_args_accuracy", "call_f1", "slot_f1", "valid_tool_call"),
+METRICS = {"tool_call": ("function_name_accuracy", "name_args_accuracy", "call_f1", "slot_f1", "tool_call_rate"),
            "classification": ("accuracy", "macro_f1"), "text": ("token_f1",)}
-BINARY = frozenset({"function_name_accuracy", "name_args_accuracy", "valid_tool_call", "accuracy"})  # 0/1 per example
+BINARY = frozenset({"function_name_accuracy", "name_args_accuracy", "tool_call_rate", "accuracy"})  # 0/1 per example
 
 
 def norm_value(v: Any) -> Any:
@@ -148,7 +149,7 @@ def score_tool_call(expected: dict, predicted: dict, tools: Sequence[dict] | Non
     return {"function_name_accuracy": float(name_ok), "name_args_accuracy": float(name_ok and exp == pred),
             "call_f1": _f1(sum((exp & pred).values()), sum(pred.values()), sum(exp.values())),
             "slot_f1": _f1(sum((exp_slots & pred_slots).values()), sum(pred_slots.values()), sum(exp_slots.values())),
-            "valid_tool_call": float(bool(pred))}
+            "tool_call_rate": float(bool(pred))}
 
 
 def token_f1(a: str, b: str) -> float:
