@@ -604,6 +604,9 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(known)}")
     checked = {k: _check(cls, k, v, hints[k]) for k, v in values.items() if v is not None}
+    if checked.get("max_history", 1) < 1:
+        raise ConfigError(f"{cls.__name__}.max_history: must be >= 1 (the request's last messages the student "
+                          f"reads), got {checked['max_history']}")
     try:
         return cls(**checked)
     except TypeError as e:

@@ -66,6 +66,8 @@ def format_answer(msg: dict) -> str:
 
 def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10) -> list[dict]:
     """Request messages (MESSAGE or OpenAI shape) + tool declarations -> plain chat turns for the template."""
+    if max_history < 1:
+        raise ValueError(f"max_history: must be >= 1, got {max_history}")
     system = [m.get("content") or "" for m in messages if m.get("role") in ("system", "developer")]
     if tools:
         system.append("Tools:\n" + "\n".join(render_tool(t) for t in tools) + "\n" + TOOL_INSTRUCTIONS)

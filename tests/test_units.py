@@ -187,6 +187,11 @@ def test_unknown_keys_and_bad_values_name_the_key():
         C.build(C.DistillConfig, {"agent": "a", "num_workers": "two"})
     with pytest.raises(C.ConfigError, match="agent"):
         C.build(C.DistillConfig, {})
+    for cls in (C.DistillConfig, C.SweepConfig, C.EvaluateConfig, C.ServeConfig):  # 0 would silently mean "all"
+        with pytest.raises(C.ConfigError, match="max_history: must be >= 1"):
+            C.build(cls, {"max_history": 0})
+    with pytest.raises(ValueError, match="max_history"):
+        chat_messages([{"role": "user", "content": "hi"}], [], max_history=0)
     cfg = C.build(C.CurateConfig, {"agents": "a,b", "test_fraction": "0.3", "validation_fraction": "0.15"})
     assert cfg.agents == ("a", "b") and (cfg.test_fraction, cfg.validation_fraction) == (0.3, 0.15)
     # the deprecated names still load, into the new fields: both spellings make the same config
