@@ -409,6 +409,7 @@ class ServeConfig:
     max_resident_adapters: int = 16  # LoRA slots per replica: adapters one forward pass can mix (LRU)
     max_adapter_rank: int = 64  # the largest LoRA rank a slot takes (memory grows with the largest rank loaded)
     adapter_cache_dir: str = ""  # node-local copies of s3:// adapters, shared by replicas; "": <tmp>/flywheel-adapters
+    adapter_cache_max_mb: int = 4096  # the node copies' bound: least recently used ones are deleted (0: no bound)
     num_replicas: int = 0  # >0: exactly this many student replicas (no scaling); 0: student_min/max_replicas
     replica_cpus: float = 1.0
     max_new_tokens: int = 256
@@ -475,7 +476,8 @@ class ServeConfig:
                               f"max_tokens_limit ({self.max_tokens_limit})")
         if self.wal_seal_age_s <= 0:
             raise ConfigError(f"wal_seal_age_s: must be > 0, got {self.wal_seal_age_s}")
-        for key in ("rate_limit_rps", "request_timeout_s", "max_context_tokens", "batch_wait_s"):
+        for key in ("rate_limit_rps", "request_timeout_s", "max_context_tokens", "batch_wait_s",
+                    "adapter_cache_max_mb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.max_queued_requests < -1 or self.max_queued_requests == 0:

@@ -261,6 +261,17 @@ def test_remote_adapters_are_copied_to_the_node_once(tiny_model, adapters, tmp_p
         assert caches[1].path(entry) == first and caches[0].copies + caches[1].copies == 1
         shutil.rmtree(first)  # a copy that went away is fetched again
         assert caches[1].path(entry) == first and caches[1].copies == 1
+        # a bounded cache deletes the least recently used copy, never the one it just copied
+        store.upload(adapters["b"], "adapters/sgd_Hotels/v1")
+        other = {"version": "v1", "adapter": "adapters/sgd_Hotels/v1"}
+        size = sum(os.path.getsize(os.path.join(first, f)) for f in os.listdir(first))
+        bounded = AdapterCache(store, str(tmp_path / "cache"), max_bytes=size + size // 2, grace_s=0)
+        second = bounded.path(other)
+        assert not os.path.exists(first) and os.path.exists(os.path.join(second, "adapter_config.json"))
+        assert bounded.pruned == 1
+        recent = AdapterCache(store, str(tmp_path / "cache"), max_bytes=size + size // 2, grace_s=600)
+        assert recent.path(entry) == first and os.path.exists(second)  # used within grace_s: kept, over the bound
+        assert recent.pruned == 0 and recent.copies == 1
     local = Store(str(tmp_path / "home"))
     local.upload(adapters["a"], "adapters/x/v1")
     assert AdapterCache(local, str(tmp_path / "unused")).path({"adapter": "adapters/x/v1"}) == \

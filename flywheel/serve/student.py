@@ -43,6 +43,7 @@ the adapters held and resident.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -70,12 +71,17 @@ class AdapterError(RuntimeError):
 class AdapterCache:
     """Tier 2: adapter folders on this node's disk. A local home is read in place; an s3:// adapter is copied once
     into `<cache_dir>/<digest of home and adapter path>/` (staged, then renamed, under a lock: replicas on one
-    node share the copy). Versions are immutable, so a copy never goes stale."""
+    node share the copy). Versions are immutable, so a copy never goes stale.
 
-    def __init__(self, store: Store, cache_dir: str):
-        self.store = store
+    `max_bytes` (0: no limit) bounds the folder: after each copy the least recently used copies (a use touches the
+    folder's mtime) are deleted until the rest fits, never the one just copied and never one used in the last
+    `grace_s` seconds (a replica may be reading it: the folder can then exceed the bound for that long)."""
+
+    def __init__(self, store: Store, cache_dir: str, max_bytes: int = 0, grace_s: float = 600.0):
+        self.store, self.max_bytes, self.grace_s = store, max_bytes, grace_s
         self.dir = cache_dir or os.path.join(tempfile.gettempdir(), "flywheel-adapters")
         self.copies = 0  # copies this process made from the store
+        self.pruned = 0  # copies this process deleted to keep the folder within max_bytes
 
     def path(self, entry: dict) -> str:
         rel = entry["adapter"]
@@ -83,6 +89,8 @@ class AdapterCache:
             return self.store.path(rel)
         dest = self._dest(rel)
         if os.path.exists(os.path.join(dest, "adapter_config.json")):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(dest)  # used now: the last to be pruned
             return dest
         os.makedirs(self.dir, exist_ok=True)
         with flocked(dest, wait_s=600):
@@ -95,7 +103,26 @@ class AdapterCache:
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
                 self.copies += 1
+                self._prune(keep=dest)
         return dest
+
+    def _prune(self, keep: str) -> None:
+        """Delete the least recently used copies until the folder fits `max_bytes` (under the folder's lock)."""
+        if not self.max_bytes:
+            return
+        copies = []
+        for name in os.listdir(self.dir):
+            folder = os.path.join(self.dir, name)
+            if os.path.isdir(folder) and ".staging-" not in name:
+                copies.append((os.stat(folder).st_mtime, folder, _folder_bytes(folder)))
+        total, now = sum(size for _, _, size in copies), time.time()
+        for mtime, folder, size in sorted(copies):
+            if total <= self.max_bytes:
+                break
+            if folder != keep and now - mtime >= self.grace_s:
+                shutil.rmtree(folder, ignore_errors=True)
+                total -= size
+                self.pruned += 1
 
     def forget(self, entry: dict) -> None:
         """Drop a node copy that did not load, so the next request copies it again."""
@@ -104,6 +131,10 @@ class AdapterCache:
 
     def _dest(self, rel: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{self.store.uri}\n{rel}".encode()).hexdigest()[:24])
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
 class _Adapter:
@@ -177,7 +208,7 @@ class StudentModel:
     def __init__(self, home: str, cfg: ServeConfig):
         self.store, self.cfg = Store(home), cfg
         self.engine = _engine(cfg)
-        self.disk = AdapterCache(self.store, cfg.adapter_cache_dir)
+        self.disk = AdapterCache(self.store, cfg.adapter_cache_dir, cfg.adapter_cache_max_mb * 2 ** 20)
         self.context = min(self.engine.context_length, cfg.max_context_tokens or self.engine.context_length)
         self.stats = {"requests": 0, "cancelled": 0, "adapter_loads": 0, "adapter_failures": 0,
                       "prewarmed_at_start": 0}
