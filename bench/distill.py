@@ -122,6 +122,8 @@ def train(args, store, student: str, agent: str, epochs: float, **levers) -> dic
     from flywheel.distill.train import distill
 
     levers = {k: v for k, v in levers.items() if v}
+    if args.tool_format != "signatures":
+        levers["tool_format"] = args.tool_format
     if args.validation_every:
         levers |= {"validation_every": args.validation_every, "early_stopping_patience": args.patience}
     needs(DistillConfig, *levers)
@@ -343,7 +345,8 @@ def speed(tps: dict, adapter: str = "distilled") -> str:
 
 def report(result: dict) -> None:
     print(f"\n== distillation of {result['student']} on {result['cpus']} CPUs ({result['wall_s']} s in all); "
-          f"figures on each agent's TEST split, 95% bootstrap intervals")
+          f"figures on each agent's TEST split, 95% bootstrap intervals; tools rendered as "
+          f"{result['args']['tool_format']}, max_length {result['args']['max_length']}")
     if result.get("shared"):
         s = result["shared"]
         print(f"\nshared adapter {SHARED}@{s['version']}: {len(s['sources'])} agents, {s['train_examples']} train "
@@ -383,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2, help="per worker (the global batch is workers x this)")
     ap.add_argument("--max-length", type=int, default=768)
+    ap.add_argument("--tool-format", default="signatures", choices=("signatures", "json"),
+                    help="how tools are rendered in the prompt (training and scoring; Serve renders signatures)")
     ap.add_argument("--validation-every", type=int, default=0,
                     help="early stopping: validation loss every N steps, the best adapter kept (0: off)")
     ap.add_argument("--patience", type=int, default=0, help="stop after this many checks without a lower loss")

@@ -173,6 +173,7 @@ class DistillConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     max_length: int = 768
     max_history: int = 10
+    tool_format: str = "signatures"  # how tools are rendered in the prompt: signatures | json (Serve renders signatures)
     bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
     checkpoint_every: int = 0  # steps; 0: once per epoch and at the end
     seed: int = 0
@@ -210,6 +211,10 @@ class DistillConfig:
         for key in ("max_examples", "validation_every", "early_stopping_patience"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        from flywheel.prompts import TOOL_FORMATS
+
+        if self.tool_format not in TOOL_FORMATS:
+            raise ConfigError(f"tool_format: must be one of {', '.join(TOOL_FORMATS)}, got {self.tool_format!r}")
         if self.early_stopping_patience and not self.validation_every:
             raise ConfigError("early_stopping_patience: needs validation_every > 0 (how often the validation loss "
                               "is checked)")

@@ -3,8 +3,10 @@
 Shared by distillation (targets), sweeps, evaluation and serving, so the student is always asked the way it was
 taught: every stage renders a curated example with `prompt_turns` and a live request with `chat_messages`.
 
-- Tools are rendered compactly in the system turn, one per line: `name(arg*, arg [a|b] =default) - description`
-  (`*` = required). That is ~470 tokens per SGD prompt instead of 700+ for raw JSON schemas.
+- Tools are rendered in the system turn, one per line, in one of `TOOL_FORMATS`: `signatures` (the default, and
+  what Serve sends), compact `name(arg*, arg [a|b] =default) - description` (`*` = required), ~470 tokens per SGD
+  prompt; or `json`, each tool's OpenAI function object as one line of JSON (700+ tokens). An adapter is trained,
+  evaluated and served with one format (it is in its registry lineage); `json` exists to measure the choice.
 - Only the last `max_history` non-system messages are kept.
 - A tool call is written as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one per call.
 """
@@ -17,6 +19,8 @@ from typing import Any
 
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 DEFAULT_RE = re.compile(r"\(default:\s*([^)]*)\)")
+TOOL_FORMATS = ("signatures", "json")
+SERVED_TOOL_FORMAT = "signatures"  # what `flywheel.serve` renders: an adapter trained with another is not promoted
 TOOL_INSTRUCTIONS = (
     "To call a tool, answer only with <tool_call>{\"name\": <tool name>, \"arguments\": {<argument>: <value>}}"
     "</tool_call>. Otherwise answer in text."
@@ -44,6 +48,17 @@ def render_tool(tool: dict) -> str:
     return f"{fn['name']}({', '.join(args)})" + (f" - {desc}" if desc else "")
 
 
+def render_tools(tools: list[dict], tool_format: str = "signatures") -> str:
+    """The system turn's tool block in `tool_format` (see the module doc)."""
+    if tool_format == "json":
+        lines = [json.dumps({k: fn[k] for k in ("name", "description", "parameters") if k in fn}, ensure_ascii=False)
+                 for fn in (t.get("function", t) for t in tools)]
+        return "Tools (JSON):\n" + "\n".join(lines) + "\n" + TOOL_INSTRUCTIONS
+    if tool_format != "signatures":
+        raise ValueError(f"tool_format: must be one of {TOOL_FORMATS}, got {tool_format!r}")
+    return "Tools:\n" + "\n".join(render_tool(t) for t in tools) + "\n" + TOOL_INSTRUCTIONS
+
+
 def format_tool_calls(tool_calls: list[dict]) -> str:
     """MESSAGE tool calls (arguments as JSON text) -> the student's text form."""
     parts = []
@@ -64,13 +79,14 @@ def format_answer(msg: dict) -> str:
     return (msg.get("content") or "").strip()
 
 
-def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10) -> list[dict]:
+def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10,
+                  tool_format: str = "signatures") -> list[dict]:
     """Request messages (MESSAGE or OpenAI shape) + tool declarations -> plain chat turns for the template."""
     if max_history < 1:
         raise ValueError(f"max_history: must be >= 1, got {max_history}")
     system = [m.get("content") or "" for m in messages if m.get("role") in ("system", "developer")]
     if tools:
-        system.append("Tools:\n" + "\n".join(render_tool(t) for t in tools) + "\n" + TOOL_INSTRUCTIONS)
+        system.append(render_tools(tools, tool_format))
     turns = []
     for m in [m for m in messages if m.get("role") not in ("system", "developer")][-max_history:]:
         role = m.get("role")
@@ -88,9 +104,10 @@ def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10
     return turns
 
 
-def prompt_turns(example: dict, max_history: int = 10) -> list[dict]:
+def prompt_turns(example: dict, max_history: int = 10, tool_format: str = "signatures") -> list[dict]:
     """A curated example (schema.EXAMPLE row: messages + tools_json) -> the student's chat turns."""
-    return chat_messages(example["messages"], json.loads(example.get("tools_json") or "[]"), max_history)
+    return chat_messages(example["messages"], json.loads(example.get("tools_json") or "[]"), max_history,
+                         tool_format)
 
 
 def parse_answer(text: str) -> dict[str, Any]:

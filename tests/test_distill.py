@@ -215,3 +215,23 @@ def test_a_shared_adapter_trains_on_several_agents_from_an_init_adapter(curated_
     lora_b = [k for k in start if "lora_B" in k]
     assert all(torch.allclose(trained[k], start[k], atol=1e-4) for k in lora_b)  # one tiny step from the seed
     assert all(float(trained[k].abs().sum()) > 1.0 for k in lora_b)  # not a fresh zero B
+
+
+def test_an_adapter_trained_on_json_tools_is_scored_with_json_tools(curated_here, store, tiny_model):
+    from transformers import AutoTokenizer
+
+    from flywheel.config import EvaluateConfig
+    from flywheel.datasets import TRAIN, read_split
+    from flywheel.distill.data import encode
+    from flywheel.evaluate.run import evaluate
+
+    example = read_split(store, "sgd_Flights", curated_here["sgd_Flights"]["version"], TRAIN).to_pylist()[0]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    compact, as_json = (encode(tok, example, 8192, 10, fmt) for fmt in ("signatures", "json"))
+    assert len(as_json["input_ids"]) > len(compact["input_ids"]) and as_json["answer_len"] == compact["answer_len"]
+    out = distill(here(tiny_model, max_steps=1, tool_format="json", run_name="json-tools"), store)
+    assert Registry(store).get("sgd_Flights", out["version"])["hyperparameters"]["tool_format"] == "json"
+    rep = evaluate(EvaluateConfig(agent="sgd_Flights", base_model=tiny_model, adapter_version=out["version"],
+                                  max_new_tokens=4, max_examples=3, in_context_k=0, constrained=False,
+                                  tracking_uri="off"), store)
+    assert rep["tool_format"] == "json" and rep["candidate"]["n"] == 3

@@ -1,5 +1,6 @@
 """Pure functions: curation filters, prompts, metrics, the gate, configs, the registry. No Ray."""
 
+import dataclasses
 import glob
 import json
 import math
@@ -32,6 +33,23 @@ def call(name, **args):
 # --- prompts ---------------------------------------------------------------------------------------------
 def test_tools_render_compactly():
     assert render_tool(TOOL) == "FindFlights(origin*, seats [1|2] =1) - Find flights"
+
+
+def test_tools_render_as_json_when_an_adapter_is_trained_that_way():
+    from flywheel.evaluate.run import not_servable, tool_format
+
+    msgs = [message("user", "hi")]
+    compact, as_json = (chat_messages(msgs, [TOOL], 10, fmt)[0]["content"] for fmt in ("signatures", "json"))
+    lines = as_json.splitlines()
+    assert lines[0] == "Tools (JSON):" and json.loads(lines[1]) == TOOL["function"] and compact != as_json
+    with pytest.raises(ValueError, match="tool_format"):
+        chat_messages(msgs, [TOOL], 10, "xml")
+    with pytest.raises(C.ConfigError, match="tool_format"):
+        C.DistillConfig(agent="a", tool_format="xml")
+    # the format is the adapter's (its lineage); Serve renders signatures, so a json adapter is never promoted
+    trained = {"hyperparameters": dataclasses.asdict(C.DistillConfig(agent="a", tool_format="json"))}
+    assert tool_format(trained) == "json" and "signatures" in not_servable(trained)
+    assert tool_format({"version": "v1"}) == "signatures" and not_servable({"version": "v1"}) is None
 
 
 def test_answer_round_trips_through_the_students_text_form():

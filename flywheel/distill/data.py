@@ -20,13 +20,14 @@ from typing import Any
 from flywheel.prompts import format_answer, prompt_turns
 
 
-def encode(tokenizer: Any, example: dict, max_length: int, max_history: int) -> dict | None:
+def encode(tokenizer: Any, example: dict, max_length: int, max_history: int,
+           tool_format: str = "signatures") -> dict | None:
     """One EXAMPLE row -> {"input_ids", "answer_len"}; drops history turns until it fits, None if it never does."""
     answer_ids = tokenizer(format_answer(example["target"]) + tokenizer.eos_token,
                            add_special_tokens=False)["input_ids"]
     for history in range(max_history, 0, -1):
-        prompt_ids = tokenizer.apply_chat_template(prompt_turns(example, history), add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
+        prompt_ids = tokenizer.apply_chat_template(prompt_turns(example, history, tool_format),
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
         if len(prompt_ids) + len(answer_ids) <= max_length:
             return {"input_ids": list(prompt_ids) + answer_ids, "answer_len": len(answer_ids)}
     return None

@@ -48,17 +48,17 @@ def with_demos(turns: list[dict], demos: Sequence[dict]) -> list[dict]:
 
 
 def fit_prompt(example: dict, demos: Sequence[dict], max_history: int, max_tokens: int,
-               count_tokens: Callable[[list[dict]], int]) -> list[dict]:
+               count_tokens: Callable[[list[dict]], int], tool_format: str = "signatures") -> list[dict]:
     """The in-context prompt that fits `max_tokens`: the longest history that fits (as in distillation), with as
     many of the nearest demos as still fit (the farthest go first). If nothing fits, the base student's prompt
     with one history turn, even if it is still too long."""
     for history in range(max_history, 0, -1):
-        base = prompt_turns(example, history)
+        base = prompt_turns(example, history, tool_format)
         for k in range(len(demos), -1, -1):
             turns = with_demos(base, demos[:k])
             if count_tokens(turns) <= max_tokens:
                 return turns
-    return prompt_turns(example, 1)
+    return prompt_turns(example, 1, tool_format)
 
 
 def select_demos(examples: Sequence[dict], train_examples: Sequence[dict], k: int,

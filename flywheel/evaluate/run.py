@@ -148,17 +148,34 @@ def judge_row(cfg: EvaluateConfig, examples: list[dict], answers: list[dict]) ->
             "judge_failures": out["failures"], "judge_errors": out["errors"]}
 
 
-def _prompts(cfg: EvaluateConfig, examples: list[dict], train: list[dict], engine) -> dict[str, list]:
-    """Each prompting's prompts for the test examples: "base", and "base_in_context" (demos from `train`)."""
+def tool_format(entry: dict) -> str:
+    """The tool rendering an adapter was trained with (its lineage); "signatures" for adapters older than it."""
+    return ((entry.get("hyperparameters") or {}).get("tool_format")) or "signatures"
+
+
+def not_servable(entry: dict) -> str | None:
+    """Why Serve must not answer with this adapter even if it passes the gate, or None."""
+    from flywheel.prompts import SERVED_TOOL_FORMAT
+
+    if tool_format(entry) != SERVED_TOOL_FORMAT:
+        return (f"trained with tool_format {tool_format(entry)!r}; Serve renders tools as {SERVED_TOOL_FORMAT!r}, "
+                f"so it would be asked differently than it was taught")
+    return None
+
+
+def _prompts(cfg: EvaluateConfig, examples: list[dict], train: list[dict], engine,
+             fmt: str = "signatures") -> dict[str, list]:
+    """Each prompting's prompts for the test examples, tools rendered in `fmt`: "base", and "base_in_context"
+    (demos from `train`)."""
     from flywheel.evaluate.in_context import fit_prompt, select_demos
     from flywheel.prompts import prompt_turns
 
-    prompts = {"base": [prompt_turns(e, cfg.max_history) for e in examples]}
+    prompts = {"base": [prompt_turns(e, cfg.max_history, fmt) for e in examples]}
     if cfg.in_context_k and train:
         count = (lambda turns: len(engine.encode(turns))) if hasattr(engine, "encode") else \
             (lambda turns: len(json.dumps(turns)) // 4)
         demos = select_demos(examples, train, cfg.in_context_k, cfg.embedding_model)
-        prompts["base_in_context"] = [fit_prompt(e, d, cfg.max_history, cfg.max_prompt_tokens, count)
+        prompts["base_in_context"] = [fit_prompt(e, d, cfg.max_history, cfg.max_prompt_tokens, count, fmt)
                                       for e, d in zip(examples, demos)]
     return prompts
 
@@ -223,10 +240,12 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
     tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
     production = registry.alias(cfg.agent)
     engine = engine or HFEngine(cfg.base_model)
-    prompts = _prompts(cfg, examples, train, engine)
+    prompts = _prompts(cfg, examples, train, engine, tool_format(candidate))
     systems: list[tuple] = [(name, p, None, None) for name, p in prompts.items()]
     if production is not None and production["version"] != candidate["version"]:
-        systems.append(("production", prompts["base"], production, None))
+        own = prompts["base"] if tool_format(production) == tool_format(candidate) else \
+            _prompts(cfg, examples, [], engine, tool_format(production))["base"]  # asked as it was taught
+        systems.append(("production", own, production, None))
     systems.append(("candidate", prompts["base"], candidate, None))
     constraints = _constraints(tools) if cfg.constrained else []
     if any(c is not None for c in constraints):
@@ -245,7 +264,7 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
         rows["candidate_constrained"], samples["candidate_constrained"] = rows["candidate"], samples["candidate"]
     report = {"agent": cfg.agent, "task": task, "metric": PRIMARY[task], "metrics": list(METRICS[task]),
               "dataset_version": test.version, "split": test.name, "legacy_dataset": test.legacy,
-              "candidate_version": candidate["version"],
+              "candidate_version": candidate["version"], "tool_format": tool_format(candidate),
               "base_model": cfg.base_model, "production_version": production["version"] if production else None,
               "n_expected": n_expected, **rows, "systems": [s for s in SYSTEMS if s in rows],
               "in_context": {"k": cfg.in_context_k if "base_in_context" in rows else 0, "pool": len(train),
@@ -271,7 +290,9 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
 
     report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression)
     report["promoted"] = False
-    if cfg.promote and report["gate"]["passed"]:
+    if cfg.promote and report["gate"]["passed"] and not_servable(candidate):
+        report["not_promoted"] = not_servable(candidate)
+    elif cfg.promote and report["gate"]["passed"]:
         registry.promote(cfg.agent, candidate["version"],
                          expected=production["version"] if production else None,
                          reason=f"gate passed: {report['gate']['metric']} lower bound "
