@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -256,11 +257,15 @@ def run(args) -> dict:
         result["shared"] = {k: shared.get(k) for k in (*TRAIN_KEYS, "sources")}
     engine = CountingEngine(HFEngine(student))
     engine.grammar({"type": "no_tool_calls"})  # builds the grammar compiler (the vocabulary) outside the timings
+    partial = save("distill", result, quiet=True)  # rewritten after each agent: a stopped run keeps what finished
     for agent in args.agents:
         result["agents"][agent] = run_agent(args, store, student, engine, manifests, shared, agent)
+        save("distill", result, partial, quiet=True)
     for agent in args.held_out_agents:
         result["held_out"][agent] = run_held_out(args, store, student, engine, manifests, shared, agent)
+        save("distill", result, partial, quiet=True)
     result["wall_s"] = round(time.time() - started, 1)
+    result["partial"] = partial
     return result
 
 
@@ -344,9 +349,10 @@ def speed(tps: dict, adapter: str = "distilled") -> str:
 
 
 def report(result: dict) -> None:
-    print(f"\n== distillation of {result['student']} on {result['cpus']} CPUs ({result['wall_s']} s in all); "
+    args = result["args"]
+    print(f"\n== distillation of {result['student']} on {result['cpus']} CPUs ({result.get('wall_s', '-')} s in all); "
           f"figures on each agent's TEST split, 95% bootstrap intervals; tools rendered as "
-          f"{result['args']['tool_format']}, max_length {result['args']['max_length']}")
+          f"{args.get('tool_format', 'signatures')}, max_length {args['max_length']}")
     if result.get("shared"):
         s = result["shared"]
         print(f"\nshared adapter {SHARED}@{s['version']}: {len(s['sources'])} agents, {s['train_examples']} train "
@@ -385,6 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2, help="per worker (the global batch is workers x this)")
+    ap.add_argument("--report", default="", help="print the tables of a saved results JSON (a stopped run's too)")
     ap.add_argument("--max-length", type=int, default=768)
     ap.add_argument("--tool-format", default="signatures", choices=("signatures", "json"),
                     help="how tools are rendered in the prompt (training and scoring; Serve renders signatures)")
@@ -416,9 +423,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.report:
+        with open(args.report) as f:
+            report(json.load(f))
+        return
     result = run(args)
     report(result)
-    save("distill", result)
+    save("distill", result, result.pop("partial"))
     print(f"home {result['home']}")
     print("reproduce: flock /tmp/flywheel-heavy.lock .venv/bin/python bench/distill.py " + shlex.join(sys.argv[1:]))
 

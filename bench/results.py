@@ -7,10 +7,13 @@ import time
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
-def save(kind: str, out: dict) -> str:
+def save(kind: str, out: dict, path: str = "", quiet: bool = False) -> str:
+    """Write `out`; `path` (a previous call's) rewrites that file: a long run saves what finished as it goes."""
     os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
+    path = path or os.path.join(OUT, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(f"{path}.tmp", "w") as f:
         json.dump(out, f, indent=2, default=str)
-    print(f"results: {path}")
+    os.replace(f"{path}.tmp", path)
+    if not quiet:
+        print(f"results: {path}")
     return path
