@@ -1,0 +1,111 @@
+"""Where a distilled adapter's tool calls go wrong: each argument of each test example, compared as the metrics do.
+
+    flock /tmp/flywheel-heavy.lock .venv/bin/python bench/errors.py --home HOME --agent sgd_Flights --version v1
+
+Reads an agent's TEST split from a Flywheel home (for instance one `bench/distill.py --home` kept), decodes every
+example with the registered adapter under its tool-call grammar (`tool_choice: auto`, as `candidate_constrained`
+in `flywheel evaluate`), and compares each call with the teacher's the way `name_args_accuracy` does
+(`flywheel.evaluate.metrics.canonical_args`: declared types, case and whitespace ignored, an optional argument
+equal to its declared default the same as leaving it out). Printed: how many answers are right, and per argument
+name how often the student left out a value the teacher gave (`omitted`), gave one the teacher did not (`added`),
+or gave another value (`wrong`), with examples; a wrong function counts under `function`. Results go to
+bench/out/errors-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import save  # noqa: E402  (bench/results.py)
+
+
+def calls(answer: dict | None) -> dict[str, dict]:
+    """{function name: arguments} of a MESSAGE- or OpenAI-shaped answer (the last call of a name wins)."""
+    out = {}
+    for tc in (answer or {}).get("tool_calls") or []:
+        fn = tc.get("function", tc)
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        out[fn.get("name")] = args if isinstance(args, dict) else {}
+    return out
+
+
+def differences(expected: dict, answer: dict, tools: list[dict]) -> list[tuple[str, str, str]]:
+    """(kind, argument, "teacher -> student") for each difference; empty when the answer is right."""
+    from flywheel.evaluate.metrics import canonical_args, tool_schemas
+
+    schemas = tool_schemas(tools)
+    exp, got = calls(expected), calls(answer)
+    if set(exp) != set(got):
+        return [("function", "-", f"{sorted(exp)} -> {sorted(got)}")]
+    out = []
+    for name in exp:
+        e, g = (dict(canonical_args(name, args, schemas)) for args in (exp[name], got[name]))
+        for key in sorted(set(e) | set(g)):
+            if key not in g:
+                out.append(("omitted", key, f"{e[key]} -> (none)"))
+            elif key not in e:
+                out.append(("added", key, f"(none) -> {g[key]}"))
+            elif e[key] != g[key]:
+                out.append(("wrong", key, f"{e[key]} -> {g[key]}"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--agent", required=True)
+    ap.add_argument("--version", default="latest", help="the adapter's registry version")
+    ap.add_argument("--examples", type=int, default=0, help="the first N test examples (0: all)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--base-model", default="")
+    args = ap.parse_args()
+
+    from flywheel.config import default_student_path
+    from flywheel.datasets import TEST, open_split, resolve_version
+    from flywheel.evaluate.run import generate_answers, tool_format
+    from flywheel.prompts import prompt_turns
+    from flywheel.registry.registry import Registry
+    from flywheel.serve.engine import HFEngine
+    from flywheel.serve.grammar import constraint_for
+    from flywheel.storage import Store
+
+    store = Store(args.home)
+    registry = Registry(store)
+    entry = registry.get(args.agent, args.version)
+    examples = open_split(store, args.agent, resolve_version(store, args.agent), TEST).rows()
+    examples = examples[:args.examples] if args.examples else examples
+    tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
+    engine = HFEngine(args.base_model or default_student_path())
+    name = f"{args.agent}@{entry['version']}"
+    engine.load_adapter(name, registry.adapter_path(entry))
+    prompts = [prompt_turns(e, 10, tool_format(entry)) for e in examples]
+    run = generate_answers(engine, prompts, name, args.batch_size, args.max_new_tokens,
+                           constraints=[constraint_for(t, "auto", None) if t else None for t in tools])
+    kinds, samples, rows = Counter(), defaultdict(list), []
+    for e, answer, t in zip(examples, run["answers"], tools):
+        diff = differences(e["target"], answer, t)
+        rows.append({"record_id": e["record_id"], "right": not diff, "differences": diff})
+        for kind, key, text in diff:
+            kinds[(kind, key)] += 1
+            samples[(kind, key)].append(text)
+    right = sum(r["right"] for r in rows)
+    print(f"{args.agent}@{entry['version']}: {right}/{len(rows)} answers right (name + arguments, constrained)")
+    for (kind, key), n in kinds.most_common():
+        print(f"  {kind:9s} {key:22s} {n:3d}   e.g. {'; '.join(samples[(kind, key)][:3])}")
+    save("errors", {"args": vars(args), "right": right, "n": len(rows), "rows": rows,
+                    "counts": [[kind, key, n] for (kind, key), n in kinds.most_common()]})
+
+
+if __name__ == "__main__":
+    main()
