@@ -392,7 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2, help="per worker (the global batch is workers x this)")
     ap.add_argument("--report", default="", help="print the tables of a saved results JSON (a stopped run's too)")
-    ap.add_argument("--max-length", type=int, default=1536)
+    ap.add_argument("--max-length", type=int, default=768)
     ap.add_argument("--tool-format", default="signatures", choices=("signatures", "json"),
                     help="how tools are rendered in the prompt (training and scoring; Serve renders signatures)")
     ap.add_argument("--validation-every", type=int, default=0,

@@ -171,7 +171,7 @@ class DistillConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    max_length: int = 1536  # tokens of prompt + answer; history turns are dropped (oldest first) to fit
+    max_length: int = 768  # tokens of prompt + answer; older history turns are dropped to fit (see README)
     max_history: int = 10
     tool_format: str = "signatures"  # tools in the prompt: signatures | json (Serve renders signatures)
     bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
@@ -269,7 +269,7 @@ class SweepConfig:
     threads_per_worker: int = 1
     batch_size: int = 4
     max_steps: int = 0  # >0 caps every trial's optimizer steps (tests, smoke runs)
-    max_length: int = 1536
+    max_length: int = 768
     max_history: int = 10
     bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of every epoch

@@ -109,7 +109,7 @@ class ValidationScorer:
     `eval_loss`: the mean per-token loss of the teacher's answers, a smooth signal where small-split accuracies tie."""
 
     def __init__(self, store: Store, agent: str, version: str, base_model: str, max_examples: int = 0,
-                 max_new_tokens: int = 128, batch_size: int = 8, max_history: int = 10, max_length: int = 1536,
+                 max_new_tokens: int = 128, batch_size: int = 8, max_history: int = 10, max_length: int = 768,
                  threads: int = 0):
         import torch
 
