@@ -58,6 +58,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import save  # noqa: E402  (bench/results.py)
+
+from flywheel.prompts import TOOL_FORMATS  # noqa: E402  (stdlib only)
 SHARED = "sgd_shared_tools"  # the registry name of the shared adapter
 SYSTEMS = {"base": "base student", "base_in_context": "base + in-context", "candidate": "distilled",
            "candidate_constrained": "distilled + constrained"}
@@ -122,9 +124,7 @@ def train(args, store, student: str, agent: str, epochs: float, **levers) -> dic
     from flywheel.config import DistillConfig
     from flywheel.distill.train import distill
 
-    levers = {k: v for k, v in levers.items() if v}
-    if args.tool_format != "signatures":
-        levers["tool_format"] = args.tool_format
+    levers = {k: v for k, v in levers.items() if v} | {"tool_format": args.tool_format}
     if args.validation_every:
         levers |= {"validation_every": args.validation_every, "early_stopping_patience": args.patience}
     needs(DistillConfig, *levers)
@@ -393,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=2, help="per worker (the global batch is workers x this)")
     ap.add_argument("--report", default="", help="print the tables of a saved results JSON (a stopped run's too)")
     ap.add_argument("--max-length", type=int, default=768)
-    ap.add_argument("--tool-format", default="signatures", choices=("signatures", "json"),
+    ap.add_argument("--tool-format", default="signatures", choices=TOOL_FORMATS,
                     help="how tools are rendered in the prompt (training and scoring; Serve renders signatures)")
     ap.add_argument("--validation-every", type=int, default=0,
                     help="early stopping: validation loss every N steps, the best adapter kept (0: off)")

@@ -93,7 +93,7 @@ def answer_problem(tools_json: str | None, answer: dict[str, Any] | None) -> tup
     return None
 
 
-# --- a tool call against its declared schema --------------------------------------------------------------------------------
+# --- a tool call against its declared schema --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
 def _validators(tools_json: str) -> dict[str, Any]:
     """Tool name -> a jsonschema validator for its parameters, or the error text of a broken declaration."""

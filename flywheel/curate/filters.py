@@ -86,15 +86,6 @@ def _redact_json(args: str | None, redact: Redactor) -> str | None:
     return json.dumps(walk(obj), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-# --- labels, keys ----------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 def review_marks(extra_json: str | None) -> tuple[int, str | None]:
     """(priority, the review lineage JSON or None) of a record from its `extra_json`.
 

@@ -290,8 +290,9 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
 
     report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression)
     report["promoted"] = False
-    if cfg.promote and report["gate"]["passed"] and not_servable(candidate):
-        report["not_promoted"] = not_servable(candidate)
+    refused = not_servable(candidate)
+    if cfg.promote and report["gate"]["passed"] and refused:
+        report["not_promoted"] = refused
     elif cfg.promote and report["gate"]["passed"]:
         registry.promote(cfg.agent, candidate["version"],
                          expected=production["version"] if production else None,

@@ -32,6 +32,9 @@ import json
 import re
 from typing import Any, Sequence
 
+from flywheel.checks import answer_problem, dedup_key
+from flywheel.pii import Redactor
+
 _WORD = re.compile(r"[a-z0-9']+")
 MAX_TEXT_CHARS = 2000  # the text kept in the monitor's state (the embedding sees all of it)
 
@@ -43,8 +46,6 @@ def words(text: str) -> list[str]:
 
 def last_user_text(messages: Sequence[dict[str, Any]] | None) -> str:
     """The content of the last user message, PII-redacted as curation redacts the reference ("" when none)."""
-    from flywheel.pii import Redactor
-
     for m in reversed(list(messages or [])):
         if m.get("role") == "user":
             return Redactor()(m.get("content") or "") or ""
@@ -62,8 +63,6 @@ def n_tools(tools_json: str | None) -> int:
 
 def request_key(agent: str, messages: Sequence[dict[str, Any]] | None, tools_json: str | None) -> str:
     """Curation's exact-duplicate key of the whole request (every turn and the declared tools)."""
-    from flywheel.checks import dedup_key
-
     return dedup_key(agent, list(messages or []), tools_json or "[]")[:16]
 
 
@@ -78,8 +77,6 @@ def input_features(messages: Sequence[dict[str, Any]] | None, tools_json: str | 
 # -- answers -------------------------------------------------------------------------------------------------------
 def invalid_reason(tools_json: str | None, answer: dict[str, Any] | None) -> str | None:
     """Why an answer is unusable, as curation's reason code (`flywheel.checks.answer_problem`), or None."""
-    from flywheel.checks import answer_problem
-
     problem = answer_problem(tools_json, answer)
     return problem[0] if problem else None
 
