@@ -11,6 +11,11 @@ What is wrong with an answer (`answer_problem`), as curation's stable reason cod
     empty_answer           neither text nor a tool call
     refusal                the text is a refusal ("I'm sorry, ...", "As an AI ...")
 
+Whether an answer is a broken tool call (`call_problem`: what review flags and evaluation's valid-call rate counts)
+is a narrower question with one more code, `unparsed_tool_call` (call text the parser left over, or a call written
+as plain JSON text): text answers, refusals included, are not broken calls; an empty answer is one only where tools
+are declared; a call is unknown when no tool is declared at all.
+
 Schema validation is lenient in one way only, the way evaluation compares arguments: a scalar whose text form
 is what the schema declares passes (SGD declares `"enum": ["1", "2"]` with `"type": "string"`, and a teacher that
 answers `2` means `"2"`; `"True"` for a boolean likewise). Everything the schema declares is checked; nothing it
@@ -30,6 +35,7 @@ R_REFUSAL = "refusal"
 R_UNKNOWN_TOOL = "unknown_tool"
 R_BAD_ARGS = "bad_tool_arguments"
 R_SCHEMA = "tool_schema_violation"
+R_UNPARSED = "unparsed_tool_call"
 
 REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:no|')t (?:help|assist)|as an ai\b|i am unable to|"
                         r"i'm unable to)", re.IGNORECASE)
@@ -62,7 +68,8 @@ def dedup_key(agent: str, messages: list[dict], tools_json: str) -> str:
 
 def tool_names(tools_json: str | None) -> set[str]:
     try:
-        return {t["function"]["name"] for t in json.loads(tools_json or "[]") if "function" in t}
+        tools = json.loads(tools_json or "[]")
+        return {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
     except (json.JSONDecodeError, TypeError, KeyError):
         return set()
 
@@ -76,17 +83,35 @@ def answer_problem(tools_json: str | None, answer: dict[str, Any] | None) -> tup
         if not content:
             return R_EMPTY, "the answer has neither text nor tool calls"
         return (R_REFUSAL, content[:120]) if REFUSAL_RE.match(content) else None
+    return _calls_problem(tools_json, calls, tool_names(tools_json) or None)  # nothing declared: any name
+
+
+def call_problem(tools_json: str | None, answer: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(reason code, detail) of an answer (MESSAGE shape) that is a broken tool call, or None: see the module doc."""
+    content, calls = ((answer or {}).get("content") or "").strip(), (answer or {}).get("tool_calls") or []
+    if "<tool_call>" in content:
+        return R_UNPARSED, f"the answer tried a tool call that did not parse: {content[:120]!r}"
+    if not calls and content.startswith("{") and '"name"' in content:
+        return R_UNPARSED, f"a tool call written as text instead of a call: {content[:120]!r}"
     declared = tool_names(tools_json)
+    if not calls:
+        return (R_EMPTY, "an empty answer where tools are declared") if not content and declared else None
+    return _calls_problem(tools_json, calls, declared)
+
+
+def _calls_problem(tools_json: str | None, calls: list[dict], declared: set[str] | None) -> tuple[str, str] | None:
+    """The first broken call: a name outside `declared` (None: any name), arguments not an object, or arguments
+    that break the declared schema."""
     for tc in calls:
         name = tc.get("name") or ""
-        if declared and name not in declared:
-            return R_UNKNOWN_TOOL, f"{name!r} is not among the declared tools {sorted(declared)}"
+        if declared is not None and name not in declared:
+            return R_UNKNOWN_TOOL, f"called {name!r}, which is not among the declared tools {sorted(declared)}"
         try:
             args = json.loads(tc.get("arguments") or "{}")
-        except ValueError:
+        except (ValueError, TypeError):
             args = None
         if not isinstance(args, dict):
-            return R_BAD_ARGS, f"arguments of {name!r} are not a JSON object"
+            return R_BAD_ARGS, f"the arguments of {name!r} are not a JSON object"
         violation = schema_violation(tools_json or "[]", name, args)
         if violation:
             return R_SCHEMA, violation

@@ -163,6 +163,31 @@ def test_schema_check_is_lenient_like_evaluation_and_checks_only_what_is_declare
     assert out["reason"] is None, out["detail"]
 
 
+def test_answer_problem_and_call_problem_differ_only_where_documented():
+    from flywheel.checks import answer_problem, call_problem
+
+    tools = json.dumps([{"type": "function", "function": {"name": "BookTable", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+    book = {"content": None, "tool_calls": [{"name": "BookTable", "arguments": '{"city": "Fresno"}'}]}
+    cases = [  # answer, tools, answer_problem's code, call_problem's code
+        (book, tools, None, None),
+        ({"content": "I'm sorry, I can't help with that."}, tools, "refusal", None),  # text, not a broken call
+        ({"content": ""}, tools, "empty_answer", "empty_answer"),
+        ({"content": ""}, "[]", "empty_answer", None),  # nothing declared: an empty answer is not a broken call
+        ({"content": '<tool_call>{"name": "BookTable", "arg'}, tools, None, "unparsed_tool_call"),
+        ({"content": '{"name": "BookTable", "arguments": {}}'}, tools, None, "unparsed_tool_call"),
+        (book, "[]", None, "unknown_tool"),  # a call where no tool is declared
+        ({"tool_calls": [{"name": "Other", "arguments": "{}"}]}, tools, "unknown_tool", "unknown_tool"),
+        ({"tool_calls": [{"name": "BookTable", "arguments": "[1]"}]}, tools, "bad_tool_arguments",
+         "bad_tool_arguments"),
+        ({"tool_calls": [{"name": "BookTable", "arguments": "{}"}]}, tools, "tool_schema_violation",
+         "tool_schema_violation"),
+    ]
+    for answer, declared, as_answer, as_call in cases:
+        got = answer_problem(declared, answer), call_problem(declared, answer)
+        assert tuple(p and p[0] for p in got) == (as_answer, as_call), (answer, declared, got)
+
+
 def test_length_bounds():
     cfg = CurateConfig(max_prompt_chars=40, min_answer_chars=5)
     assert F.clean_record(row("x" * 41, BOOK), cfg=cfg)["reason"] == F.R_TOO_LONG

@@ -56,14 +56,14 @@ def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, bat
 def valid_call(answer: dict, tools: list[dict]) -> bool:
     """The answer is plain text, or tool calls that parsed, of declared tools, with schema-valid arguments.
     `answer`: OpenAI-shaped (a student's, from `parse_answer`) or MESSAGE-shaped (the teacher's)."""
-    from flywheel.review.queue import invalid_tool_call
+    from flywheel.checks import call_problem
 
     if answer.get("valid") is False:  # it tried to call a tool and the call did not parse
         return False
     calls = [tc.get("function", tc) for tc in answer.get("tool_calls") or []]
     response = {"content": answer.get("content"),
                 "tool_calls": [{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls]}
-    return invalid_tool_call({"tools_json": json.dumps(tools), "response": response}) is None
+    return call_problem(json.dumps(tools), response) is None
 
 
 def system_row(task: str, expected: list[dict], answers: list[dict], tools: list[list[dict]], cfg: EvaluateConfig,

@@ -18,7 +18,7 @@ reason is one item however often it is scanned, and an item is never reset once 
     negative_feedback     a thumbs down (`flywheel.review.feedback`), or an ingested record with feedback < 0
     invalid_tool_call     the answer tried a call that did not parse (`<tool_call>` text left over, a call written
                           as JSON text, an empty answer where tools are declared), called an undeclared tool, or
-                          its arguments break the tool's declared JSON Schema (`flywheel.curate.quality`)
+                          its arguments break the tool's declared JSON Schema (`flywheel.checks.call_problem`)
     teacher_disagreement  the record carries a second answer (`extra_json.shadow` = {"model", "response"}: shadow
                           mode logs the student's answer beside the teacher's, or the reverse) and they differ
     low_confidence        `extra_json.confidence` below `LOW_CONFIDENCE` (0.5)
@@ -43,6 +43,7 @@ from typing import Any, Iterable
 
 from flywheel.capture.ingest import canonical_json, digest, normalise_message
 from flywheel.capture.store import LogStore
+from flywheel.checks import call_problem
 from flywheel.ids import check_id, is_valid_id
 from flywheel.review.feedback import Invalid, NotFound, check_correction, feedback_events
 from flywheel.review.records import find_records, new_records
@@ -70,35 +71,9 @@ def _extra(record: dict) -> dict:
 
 
 def invalid_tool_call(record: dict) -> str | None:
-    """Why the record's answer is a broken tool call, or None."""
-    from flywheel.checks import schema_violation
-
-    tools_json = record.get("tools_json") or "[]"
-    try:
-        declared = {t["function"]["name"] for t in json.loads(tools_json) if isinstance(t, dict) and "function" in t}
-    except (ValueError, TypeError, KeyError):
-        declared = set()
-    answer = record.get("response") or {}
-    content, calls = (answer.get("content") or "").strip(), answer.get("tool_calls") or []
-    if "<tool_call>" in content:
-        return f"the answer tried a tool call that did not parse: {content[:120]!r}"
-    if not calls and content.startswith("{") and '"name"' in content:
-        return f"a tool call written as text instead of a call: {content[:120]!r}"
-    if not calls and not content and declared:
-        return "an empty answer where tools are declared (a tool call that did not parse leaves no text)"
-    for tc in calls:
-        if tc.get("name") not in declared:
-            return f"called {tc.get('name')!r}, which is not among the declared tools {sorted(declared)}"
-        try:
-            args = json.loads(tc.get("arguments") or "{}")
-        except ValueError:
-            args = None
-        if not isinstance(args, dict):
-            return f"the arguments of {tc['name']!r} are not a JSON object"
-        violation = schema_violation(tools_json, tc["name"], args)
-        if violation:
-            return f"arguments break the declared schema: {violation}"
-    return None
+    """Why the record's answer is a broken tool call, or None (`flywheel.checks.call_problem`)."""
+    problem = call_problem(record.get("tools_json"), record.get("response"))
+    return problem[1] if problem else None
 
 
 def _answer_key(message: dict) -> Any:
