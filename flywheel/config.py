@@ -174,6 +174,7 @@ class DistillConfig:
     max_length: int = 768  # tokens of prompt + answer; older history turns are dropped to fit (see README)
     max_history: int = 10
     tool_format: str = "signatures"  # tools in the prompt: signatures | json (Serve renders signatures)
+    argument_weight: float = 1.0  # >1: a tool call's argument tokens weigh this much more in the training loss
     bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
     checkpoint_every: int = 0  # steps; 0: once per epoch and at the end
     seed: int = 0
@@ -211,6 +212,9 @@ class DistillConfig:
         for key in ("max_examples", "validation_every", "early_stopping_patience"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not 1 <= self.argument_weight <= 100:
+            raise ConfigError(f"argument_weight: must be between 1 (plain cross-entropy) and 100, got "
+                              f"{self.argument_weight}")
         from flywheel.prompts import TOOL_FORMATS
 
         if self.tool_format not in TOOL_FORMATS:

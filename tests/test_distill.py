@@ -5,6 +5,7 @@ The first are real Ray Train runs (2 workers over gloo), the levers run in this 
 `num_workers` 0, no Ray), all on a tiny random model with the student's tokenizer.
 """
 
+import json
 import math
 import os
 import shutil
@@ -15,7 +16,7 @@ import torch
 from flywheel.capture.store import ingest_file
 from flywheel.config import ConfigError, CurateConfig, DistillConfig
 from flywheel.curate.pipeline import curate
-from flywheel.distill.data import answer_loss, kd_loss
+from flywheel.distill.data import answer_logits, answer_loss, kd_loss
 from flywheel.distill.train import distill
 from flywheel.registry.registry import Registry
 
@@ -235,3 +236,41 @@ def test_an_adapter_trained_on_json_tools_is_scored_with_json_tools(curated_here
                                   max_new_tokens=4, max_examples=3, in_context_k=0, constrained=False,
                                   tracking_uri="off"), store)
     assert rep["tool_format"] == "json" and rep["candidate"]["n"] == 3
+
+
+def test_argument_tokens_weigh_more_in_the_training_loss_and_only_there(curated_here, store, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.datasets import TRAIN, read_split
+    from flywheel.distill.data import argument_spans, collate, encode
+
+    text = '<tool_call>{"name": "Find", "arguments": {"city": "Paris"}}</tool_call>\n<tool_call>{"name": "B", ' \
+           '"arguments": {}}</tool_call>'
+    assert [text[a:b] for a, b in argument_spans(text)] == ['{"city": "Paris"}', "{}"]
+    assert argument_spans("plain text, no call") == []
+    examples = read_split(store, "sgd_Flights", curated_here["sgd_Flights"]["version"], TRAIN).to_pylist()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    plain, weighted = encode(tok, examples[0], 8192, 10), encode(tok, examples[0], 8192, 10, argument_weight=3.0)
+    assert "answer_weights" not in plain and weighted["input_ids"] == plain["input_ids"]
+    answer = weighted["input_ids"][-weighted["answer_len"]:]
+    heavy = tok.decode([t for t, w in zip(answer, weighted["answer_weights"]) if w == 3.0])
+    light = tok.decode([t for t, w in zip(answer, weighted["answer_weights"]) if w == 1.0])
+    args = json.loads(examples[0]["target"]["tool_calls"][0]["arguments"])
+    assert args and all(str(v) in heavy for v in args.values()) and heavy.strip().startswith("{")
+    assert "<tool_call>" in light and examples[0]["target"]["tool_calls"][0]["name"] in light
+    assert not any(f"\"{k}\"" in light for k in args)  # every argument key and value is weighted
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ones = collate([{**weighted, "answer_weights": [1.0] * weighted["answer_len"]}], tok.pad_token_id)
+    assert float(answer_loss(model, ones)[0]) == pytest.approx(float(answer_loss(model, collate([plain], tok.pad_token_id))[0]))
+    batch = collate([weighted], tok.pad_token_id)
+    logits, targets = answer_logits(model, batch)
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    w = torch.tensor(weighted["answer_weights"])
+    assert float(answer_loss(model, batch)[0]) == pytest.approx(float((per_token * w).sum() / w.sum()), rel=1e-5)
+
+    for bad in (0.5, float("nan"), 1000):
+        with pytest.raises(ConfigError, match="argument_weight"):
+            DistillConfig(agent="a", argument_weight=bad)
+    out = distill(here(tiny_model, max_steps=1, argument_weight=4.0, run_name="weighted"), store)
+    assert Registry(store).get("sgd_Flights", out["version"])["hyperparameters"]["argument_weight"] == 4.0

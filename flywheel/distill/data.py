@@ -7,6 +7,10 @@ lengths, never from pad ids (for the student pad == eos == `<|im_end|>`, which i
 Batches are LEFT-padded so that every row's answer sits at the end: the model then only computes the output
 layer over the last `answer_len + 1` positions (`logits_to_keep`), which saves ~15% of a step.
 
+`argument_weight` (> 1) weighs the answer tokens inside a tool call's `arguments` object that many times in the
+training loss (the values the student gets wrong are few tokens among many format tokens it learns in an epoch);
+validation loss stays unweighted, so early stopping compares runs on one scale.
+
 `take_balanced` shares an example cap between several agents' train splits (a shared adapter);
 `mean_answer_loss` is the validation loss that early stopping and the sweep's `eval_loss` read.
 """
@@ -15,22 +19,48 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from typing import Any
 
 from flywheel.prompts import format_answer, prompt_turns
 
 
 def encode(tokenizer: Any, example: dict, max_length: int, max_history: int,
-           tool_format: str = "signatures") -> dict | None:
-    """One EXAMPLE row -> {"input_ids", "answer_len"}; drops history turns until it fits, None if it never does."""
-    answer_ids = tokenizer(format_answer(example["target"]) + tokenizer.eos_token,
-                           add_special_tokens=False)["input_ids"]
+           tool_format: str = "signatures", argument_weight: float = 1.0) -> dict | None:
+    """One EXAMPLE row -> {"input_ids", "answer_len"} (+ "answer_weights" when `argument_weight` != 1); drops
+    history turns until it fits, None if it never does."""
+    text = format_answer(example["target"]) + tokenizer.eos_token
+    answer = tokenizer(text, add_special_tokens=False, return_offsets_mapping=argument_weight != 1)
+    answer_ids = answer["input_ids"]
+    weights = {} if argument_weight == 1 else \
+        {"answer_weights": _argument_weights(text, answer["offset_mapping"], argument_weight)}
     for history in range(max_history, 0, -1):
         prompt_ids = tokenizer.apply_chat_template(prompt_turns(example, history, tool_format),
                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
         if len(prompt_ids) + len(answer_ids) <= max_length:
-            return {"input_ids": list(prompt_ids) + answer_ids, "answer_len": len(answer_ids)}
+            return {"input_ids": list(prompt_ids) + answer_ids, "answer_len": len(answer_ids), **weights}
     return None
+
+
+_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_ARGUMENTS = '"arguments": '
+
+
+def argument_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of each tool call's `arguments` object in the student's answer text (`format_tool_calls`:
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the name is a JSON string, so the first
+    `"arguments": ` after it is the key)."""
+    spans = []
+    for call in _CALL.finditer(text):
+        at = call.group(1).find(_ARGUMENTS)
+        if at >= 0:
+            spans.append((call.start(1) + at + len(_ARGUMENTS), call.end(1) - 1))  # up to the call's closing brace
+    return spans
+
+
+def _argument_weights(text: str, offsets: list, weight: float) -> list[float]:
+    spans = argument_spans(text)
+    return [weight if any(a < end and b > start for start, end in spans) else 1.0 for a, b in offsets]
 
 
 def take_balanced(groups: dict[str, list[dict]], max_examples: int, seed: int) -> list[dict]:
@@ -71,14 +101,18 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     answer = torch.zeros((len(batch), width), dtype=torch.bool)
+    weights = torch.ones((len(batch), width)) if any("answer_weights" in x for x in batch) else None
     for i, x in enumerate(batch):
         n = len(x["input_ids"])
         ids[i, width - n:] = torch.tensor(x["input_ids"])
         mask[i, width - n:] = 1
         answer[i, width - x["answer_len"]:] = True
+        if weights is not None and "answer_weights" in x:
+            weights[i, width - x["answer_len"]:] = torch.tensor(x["answer_weights"])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "answer_mask": answer,
-            "answer_width": max(x["answer_len"] for x in batch)}
+            "answer_width": max(x["answer_len"] for x in batch), **({"answer_weights": weights} if weights is not None
+                                                                   else {})}
 
 
 def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
@@ -130,13 +164,19 @@ def kd_loss(student_logits: Any, teacher_logits: Any, temperature: float) -> Any
 
 def answer_loss(model: Any, batch: dict, teacher: Any = None, kd_weight: float = 0.0,
                 temperature: float = 1.0) -> tuple[Any, int]:
-    """Cross-entropy over answer tokens only, plus `kd_weight` x the KL to a local teacher's logits when one is given:
-    (1 - w) * CE + w * KD. Returns (loss, number of answer tokens)."""
+    """Cross-entropy over answer tokens only (weighted by `answer_weights` where the batch has them), plus
+    `kd_weight` x the KL to a local teacher's logits when one is given: (1 - w) * CE + w * KD. Returns (loss, number
+    of answer tokens)."""
     import torch
     import torch.nn.functional as F
 
     logits, targets = answer_logits(model, batch)
-    loss = F.cross_entropy(logits, targets)
+    if "answer_weights" in batch:
+        k = batch["answer_width"]
+        weights = batch["answer_weights"][:, -k:][batch["answer_mask"][:, -k:]].to(logits.dtype)
+        loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+    else:
+        loss = F.cross_entropy(logits, targets)
     if teacher is not None and kd_weight > 0:
         with torch.no_grad():
             teacher_logits, _ = answer_logits(teacher, batch)
