@@ -5,6 +5,10 @@ A *curated example* is one cleaned, redacted example in one split: train (distil
 early stopping) or test (the gate, evaluation figures); read through `flywheel.datasets`.
 A *quarantined record* is anything that could not become a log record or an example, with the reason.
 
+`normalise_message` turns an OpenAI-shaped message (the chat API's, a log's, a reviewer's correction) into the
+MESSAGE row every stage stores, or raises `Rejected` with one of the reason codes below; `digest` and
+`canonical_json` are the one way ids and comparisons are derived from JSON.
+
 Messages and the answer are typed nested columns. Tool declarations (`tools_json`) and tool-call
 arguments stay JSON text: they are arbitrary JSON Schema / JSON objects chosen by each agent, and Arrow
 would otherwise infer a different struct type per agent.
@@ -12,10 +16,17 @@ would otherwise infer a different struct type per agent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import pyarrow as pa
+
+R_BAD_MESSAGES = "bad_messages"
+R_BAD_RESPONSE = "bad_response"
+R_BAD_TOOL_ARGUMENTS = "bad_tool_arguments"
+R_MISTYPED = "mistyped_field"
+ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 
 TOOL_CALL = pa.struct(
     [
@@ -112,3 +123,75 @@ def tools_of(row: dict[str, Any]) -> list[dict]:
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+# --- OpenAI-shaped messages -> MESSAGE rows ----------------------------------------------------------------
+class Rejected(ValueError):
+    """A value that cannot become a row: `reason` is a stable code (the `R_*` constants), `detail` says where."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def digest(*parts: Any, n: int = 32) -> str:
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:n]
+
+
+def _text(content: Any, where: str) -> str | None:
+    """OpenAI content: a string, null, or a list of parts (text parts are joined)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                texts.append(part)
+        return "".join(texts)
+    raise Rejected(R_MISTYPED, f"{where}.content must be text, null or a list of parts, got {type(content).__name__} "
+                               f"{content!r:.40}")
+
+
+def normalise_arguments(args: Any, where: str) -> str:
+    if args is None or args == "":
+        return "{}"
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise Rejected(R_BAD_TOOL_ARGUMENTS, f"{where}: arguments are not valid JSON ({e.msg})") from None
+    if not isinstance(args, dict):
+        raise Rejected(R_BAD_TOOL_ARGUMENTS, f"{where}: arguments must be a JSON object, got {type(args).__name__}")
+    return canonical_json(args)
+
+
+def normalise_tool_calls(calls: Any, where: str) -> list[dict] | None:
+    if not calls:
+        return None
+    if not isinstance(calls, list):
+        raise Rejected(R_BAD_RESPONSE, f"{where}.tool_calls must be a list")
+    out = []
+    for i, tc in enumerate(calls):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise Rejected(R_BAD_RESPONSE, f"{where}.tool_calls[{i}] has no function name")
+        out.append({"id": tc.get("id"), "name": fn["name"],
+                    "arguments": normalise_arguments(fn.get("arguments"), f"{where}.tool_calls[{i}]")})
+    return out
+
+
+def normalise_message(m: Any, where: str) -> dict:
+    if not isinstance(m, dict):
+        raise Rejected(R_MISTYPED, f"{where} must be an object, got {type(m).__name__}")
+    role = m.get("role")
+    if role not in ROLES:
+        raise Rejected(R_BAD_MESSAGES, f"{where}.role is {role!r}; expected one of {sorted(ROLES)}")
+    return message(role, _text(m.get("content"), where), normalise_tool_calls(m.get("tool_calls"), where),
+                   m.get("name") if isinstance(m.get("name"), str) else None,
+                   m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None)

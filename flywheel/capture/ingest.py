@@ -33,104 +33,31 @@ Unknown *extra* top-level fields are kept, not rejected: they travel as JSON tex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Any, Collection, Iterable
 
 from flywheel.ids import InvalidId, check_id
-from flywheel.schema import message
+from flywheel.schema import (R_BAD_MESSAGES, R_BAD_RESPONSE, R_BAD_TOOL_ARGUMENTS, R_MISTYPED, Rejected,  # noqa: F401
+                             canonical_json, digest, message, normalise_arguments, normalise_message,
+                             normalise_tool_calls)
 
 R_INVALID_UTF8 = "invalid_utf8"
 R_INVALID_JSON = "invalid_json"
 R_NOT_OBJECT = "not_an_object"
 R_UNKNOWN_FORMAT = "unknown_format"
 R_MISSING_FIELD = "missing_field"
-R_BAD_MESSAGES = "bad_messages"
-R_BAD_RESPONSE = "bad_response"
-R_BAD_TOOL_ARGUMENTS = "bad_tool_arguments"
 R_BAD_TOOLS = "bad_tools"
 R_NO_AGENT = "missing_agent_id"
 R_OVERSIZED = "oversized_record"
-R_MISTYPED = "mistyped_field"
 R_UNKNOWN_AGENT = "unknown_agent"
 R_INVALID_ID = "invalid_id"
 
 SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "dialogue_id", "sgd_dialogue_id")
-ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Top-level fields this module reads; every other top-level field is kept verbatim in `extra_json`.
 CORE_KEYS = {"request", "response", "messages", "tools", "model", "agent_id", "workload_id", "client_id", "tenant",
              "timestamp", "metadata", "record_id", "latency_ms", "feedback", "usage", "session_id"}
 DEFAULT_MAX_LINE_BYTES = 1_000_000
-
-
-class Rejected(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def digest(*parts: Any, n: int = 32) -> str:
-    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:n]
-
-
-def _text(content: Any, where: str) -> str | None:
-    """OpenAI content: a string, null, or a list of parts (text parts are joined)."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
-                texts.append(str(part.get("text", "")))
-            elif isinstance(part, str):
-                texts.append(part)
-        return "".join(texts)
-    raise Rejected(R_MISTYPED, f"{where}.content must be text, null or a list of parts, got {type(content).__name__} "
-                               f"{content!r:.40}")
-
-
-def normalise_arguments(args: Any, where: str) -> str:
-    if args is None or args == "":
-        return "{}"
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as e:
-            raise Rejected(R_BAD_TOOL_ARGUMENTS, f"{where}: arguments are not valid JSON ({e.msg})") from None
-    if not isinstance(args, dict):
-        raise Rejected(R_BAD_TOOL_ARGUMENTS, f"{where}: arguments must be a JSON object, got {type(args).__name__}")
-    return canonical_json(args)
-
-
-def normalise_tool_calls(calls: Any, where: str) -> list[dict] | None:
-    if not calls:
-        return None
-    if not isinstance(calls, list):
-        raise Rejected(R_BAD_RESPONSE, f"{where}.tool_calls must be a list")
-    out = []
-    for i, tc in enumerate(calls):
-        fn = tc.get("function") if isinstance(tc, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise Rejected(R_BAD_RESPONSE, f"{where}.tool_calls[{i}] has no function name")
-        out.append({"id": tc.get("id"), "name": fn["name"],
-                    "arguments": normalise_arguments(fn.get("arguments"), f"{where}.tool_calls[{i}]")})
-    return out
-
-
-def normalise_message(m: Any, where: str) -> dict:
-    if not isinstance(m, dict):
-        raise Rejected(R_MISTYPED, f"{where} must be an object, got {type(m).__name__}")
-    role = m.get("role")
-    if role not in ROLES:
-        raise Rejected(R_BAD_MESSAGES, f"{where}.role is {role!r}; expected one of {sorted(ROLES)}")
-    return message(role, _text(m.get("content"), where), normalise_tool_calls(m.get("tool_calls"), where),
-                   m.get("name") if isinstance(m.get("name"), str) else None,
-                   m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None)
 
 
 def reassemble_stream(chunks: list) -> dict:

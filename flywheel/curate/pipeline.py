@@ -49,13 +49,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from flywheel.capture.ingest import digest
 from flywheel.capture.store import QUARANTINE_DIR, LogStore, write_parquet
 from flywheel.config import CurateConfig
 from flywheel.curate import card, filters
 from flywheel.curate.reviewed import Review, label_lineage, read_review
 from flywheel.datasets import SPLITS, latest_version, pinned_sessions, split_file, split_name
-from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE
+from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE, digest
 from flywheel.storage import Store
 
 CLEAN = pa.schema([

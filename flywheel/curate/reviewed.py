@@ -18,7 +18,7 @@ import dataclasses
 import json
 from collections import Counter
 
-from flywheel.capture.ingest import digest
+from flywheel.schema import digest
 from flywheel.storage import Store
 
 MAX_ITEMS = 200  # review item ids listed in a manifest (the count is always exact)

@@ -44,9 +44,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flywheel import datasets, routing
-from flywheel.capture.ingest import digest
 from flywheel.config import MonitorConfig
 from flywheel.monitor import episodes, features, live, quality, stats
+from flywheel.schema import digest
 from flywheel.storage import Store
 
 EVENTS = "monitor/events"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from flywheel.capture.ingest import digest
+from flywheel.schema import digest
 
 START, END = "start", "end"
 

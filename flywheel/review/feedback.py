@@ -20,9 +20,9 @@ import time
 import uuid
 from typing import Any
 
-from flywheel.capture.ingest import Rejected, digest, normalise_message
 from flywheel.ids import check_id, is_valid_id
 from flywheel.review.records import find_record
+from flywheel.schema import Rejected, digest, normalise_message
 from flywheel.storage import Store
 
 FEEDBACK = "feedback"

@@ -41,13 +41,12 @@ import time
 from collections import Counter
 from typing import Any, Iterable
 
-from flywheel.capture.ingest import canonical_json, digest, normalise_message
 from flywheel.capture.store import LogStore
 from flywheel.checks import call_problem
 from flywheel.ids import check_id, is_valid_id
 from flywheel.review.feedback import Invalid, NotFound, check_correction, feedback_events
 from flywheel.review.records import find_records, new_records
-from flywheel.schema import to_openai_message
+from flywheel.schema import canonical_json, digest, normalise_message, to_openai_message
 from flywheel.storage import Store
 
 QUEUE, STATE, LABELS = "review/queue", "review/state", "review/labels"

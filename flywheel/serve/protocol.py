@@ -29,8 +29,8 @@ from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from flywheel.capture.ingest import Rejected, normalise_message
 from flywheel.prompts import parse_answer
+from flywheel.schema import Rejected, normalise_message
 from flywheel.serve.streaming import chunk, tool_call_id
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function and json_schema names
