@@ -257,7 +257,7 @@ def _encoded(store: Store, tokenizer: Any, cfg: DistillConfig, sources: list, sp
     groups = {f"{agent}@{version}": open_split(store, agent, version, split).rows(task_only=False)
               for agent, version in sources}
     examples = take_balanced(groups, cap, cfg.seed)
-    weight = cfg.argument_weight if split == "train" else 1.0  # validation loss: unweighted (see distill.data)
+    weight = cfg.argument_weight if split == TRAIN else 1.0  # validation loss: unweighted (see distill.data)
     return [e for e in (encode(tokenizer, ex, cfg.max_length, cfg.max_history, cfg.tool_format, weight)
                         for ex in examples) if e]
 
