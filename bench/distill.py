@@ -18,7 +18,7 @@ as test). Per agent in `--agents` a LoRA adapter is distilled on Ray Train from 
 
 - base: the base student;  in-context: the base student with its `--in-context-k` nearest TRAIN examples;
 - distilled: the adapter;  distilled + constrained: the adapter decoded under each example's grammar
-  (`flywheel.serve.grammar.constraint_for(tools, "auto", None)`: free text, or calls of declared tools with
+  (`flywheel.inference.grammar.constraint_for(tools, "auto", None)`: free text, or calls of declared tools with
   schema-valid arguments).
 
 Each with function-name accuracy, name+arguments accuracy and valid-call rate (plain text, or parseable calls of
@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import save  # noqa: E402  (bench/results.py)
 
 from flywheel.prompts import TOOL_FORMATS  # noqa: E402  (stdlib only)
+
 SHARED = "sgd_shared_tools"  # the registry name of the shared adapter
 SYSTEMS = {"base": "base student", "base_in_context": "base + in-context", "candidate": "distilled",
            "candidate_constrained": "distilled + constrained"}
@@ -236,8 +237,8 @@ def run(args) -> dict:
     import ray
 
     from flywheel.config import default_student_path
+    from flywheel.inference.engine import HFEngine
     from flywheel.models import resolve_model_path
-    from flywheel.serve.engine import HFEngine
     from flywheel.storage import Store
 
     student = resolve_model_path(args.base_model or default_student_path())

@@ -56,7 +56,7 @@ def timed(run, repeats: int) -> tuple[float, list[str]]:
 
 
 def engine_modes(engine, prompts: list, names: list[str], max_tokens: int, repeats: int) -> dict:
-    from flywheel.serve.engine import Row, Sampling
+    from flywheel.inference.engine import Row, Sampling
 
     def run(adapters: list[str]) -> list:
         rows = [Row(p, a, Sampling(max_tokens=max_tokens)) for p, a in zip(prompts, adapters)]
@@ -100,7 +100,7 @@ def peft_modes(base: str, paths: list[str], prompts: list, tokenizer, max_tokens
 
 def late_arrival(engine, prompts: list, names: list[str], max_tokens: int) -> dict:
     """A full batch decodes; one more request arrives 10 steps in: its time to first token vs the batch's rest."""
-    from flywheel.serve.engine import Row, Sampling
+    from flywheel.inference.engine import Row, Sampling
 
     rows = [Row(p, a, Sampling(max_tokens=max_tokens)) for p, a in zip(prompts[:-1], names)]
     late_done, batch_done = {}, {}
@@ -137,7 +137,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from flywheel.serve.engine import HFEngine
+    from flywheel.inference.engine import HFEngine
 
     engine = HFEngine(args.base_model, threads=args.threads, max_adapters=args.rows, max_rank=args.rank)
     prompts = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(args.rows)]

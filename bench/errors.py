@@ -73,11 +73,12 @@ def main() -> None:
 
     from flywheel.config import default_student_path
     from flywheel.datasets import TEST, open_split, resolve_version
-    from flywheel.evaluate.run import generate_answers, tool_format
+    from flywheel.evaluate.run import tool_format
+    from flywheel.inference.answers import generate_answers
+    from flywheel.inference.engine import HFEngine
+    from flywheel.inference.grammar import constraint_for
     from flywheel.prompts import prompt_turns
     from flywheel.registry.registry import Registry
-    from flywheel.serve.engine import HFEngine
-    from flywheel.serve.grammar import constraint_for
     from flywheel.storage import Store
 
     store = Store(args.home)

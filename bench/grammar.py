@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import save  # noqa: E402  (bench/results.py)
+
 LOGS = os.path.join(REPO, "flywheel", "data", "sgd", "sgd_dev_flywheel_logs.jsonl")
 
 
@@ -73,10 +74,10 @@ def calls_that_parse(texts: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from flywheel.config import default_student_path
+    from flywheel.inference.engine import HFEngine
+    from flywheel.inference.grammar import constraint_for
     from flywheel.models import resolve_model_path
     from flywheel.prompts import chat_messages
-    from flywheel.serve.engine import HFEngine
-    from flywheel.serve.grammar import constraint_for
 
     student = resolve_model_path(args.base_model or default_student_path())
     requests = sgd_requests(args.prompts)

@@ -195,7 +195,7 @@ EVALUATED = ("teacher", "base", "base_in_context", "candidate", "candidate_const
 def _evaluate(cfg: DemoConfig, store: Store, timings: dict) -> dict[str, dict]:
     """Score every agent on its test split, gate and promote; {agent: evaluation report}."""
     from flywheel.evaluate.run import evaluate
-    from flywheel.serve.engine import HFEngine
+    from flywheel.inference.engine import HFEngine
 
     say("4/7 evaluate teacher vs base vs distilled on held-out traffic, gate, promote")
     engine = HFEngine(cfg.base_model)

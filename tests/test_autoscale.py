@@ -182,7 +182,7 @@ def test_serve_config_refuses_scaling_that_cannot_work(change, key):
 
 def test_vllm_engine_without_vllm_installed_is_a_clear_error():
     from flywheel.serve.student import _engine
-    from flywheel.serve.vllm_engine import available, engine_kind
+    from flywheel.inference.vllm_engine import available, engine_kind
 
     if available():
         pytest.skip("vllm is installed in this environment")

@@ -15,8 +15,8 @@ import threading
 
 import pytest
 
-from flywheel.serve.engine import HFEngine, Row, Sampling
-from flywheel.serve.lora import AdapterFormatError
+from flywheel.inference.engine import HFEngine, Row, Sampling
+from flywheel.inference.lora import AdapterFormatError
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [[{"role": "user", "content": f"Request {i}: book {'a flight ' * (i % 3)}to city {i}"}] for i in range(6)]

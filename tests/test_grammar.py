@@ -20,7 +20,7 @@ from flywheel.prompts import parse_answer
 xgr = pytest.importorskip("xgrammar")
 torch = pytest.importorskip("torch")
 
-from flywheel.serve.grammar import GrammarCompiler, GrammarError, RowGrammars, constraint_for  # noqa: E402
+from flywheel.inference.grammar import GrammarCompiler, GrammarError, RowGrammars, constraint_for  # noqa: E402
 
 FLIGHTS = {"type": "object", "properties": {
     "origin": {"type": "string", "enum": ["SF", "LA", "NYC"]},

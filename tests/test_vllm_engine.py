@@ -43,8 +43,8 @@ def _adapter(base: str, out: str) -> str:
 
 
 def test_vllm_greedy_equals_hf_engine_for_base_and_adapter(student_path, tmp_path):
+    from flywheel.inference.engine import HFEngine
     from flywheel.prompts import parse_answer
-    from flywheel.serve.engine import HFEngine
 
     adapter = _adapter(student_path, str(tmp_path / "adapter"))
     hf = HFEngine(student_path, dtype="float32")

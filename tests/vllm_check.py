@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    from flywheel.serve.vllm_engine import VLLMEngine
+    from flywheel.inference.vllm_engine import VLLMEngine
 
     model, adapter = sys.argv[1], sys.argv[2]
     job = json.load(sys.stdin)

@@ -114,8 +114,8 @@ class ValidationScorer:
         import torch
 
         from flywheel.distill.data import encode
+        from flywheel.inference.engine import HFEngine
         from flywheel.prompts import prompt_turns
-        from flywheel.serve.engine import HFEngine
 
         if threads:
             torch.set_num_threads(threads)
@@ -137,7 +137,7 @@ class ValidationScorer:
 
     def __call__(self, adapter_dir: str) -> dict[str, float]:
         from flywheel.evaluate.metrics import score
-        from flywheel.evaluate.run import generate_answers
+        from flywheel.inference.answers import generate_answers
 
         self._calls += 1
         name = f"checkpoint-{self._calls}"

@@ -7,7 +7,7 @@ Side by side on the TEST split (`flywheel.datasets`; an older train/eval version
 logged answers are the reference, so it scores 1.0 by construction), the base student, the base student with its
 k nearest TRAIN examples in context (`in_context.py`; demonstrations never come from the held-out splits), the
 current production adapter (if any), the candidate, and `candidate_constrained`: the candidate decoded under each
-example's tool-call grammar (`flywheel.serve.grammar.constraint_for(tools, "auto", None)`; an example that
+example's tool-call grammar (`flywheel.inference.grammar.constraint_for(tools, "auto", None)`; an example that
 declares no tools, or a grammar that leaves the answer free, decodes as the candidate does, and when no example
 has a grammar the candidate's answers are reused). The validation split is never read here: it is what the
 sweep and early stopping selected on. Each system gets every metric of the task with a percentile-bootstrap 95%
@@ -27,30 +27,10 @@ import time
 from typing import Any
 
 from flywheel.config import EvaluateConfig
+from flywheel.inference.answers import generate_answers
 from flywheel.storage import Store
 
 SYSTEMS = ("teacher", "base", "base_in_context", "production", "candidate", "candidate_constrained")
-
-
-def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, batch_size: int, max_new_tokens: int,
-                     progress=None, constraints: list[dict | None] | None = None) -> dict:
-    """Answers (OpenAI message shape), each request's latency (its batch's seconds), wall and CPU seconds.
-    `constraints`: one `flywheel.serve.grammar` spec (or None) per prompt, decoded under it."""
-    from flywheel.prompts import parse_answer
-
-    answers, latency = [], []
-    cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        started = time.perf_counter()
-        extra = {"constraints": constraints[i:i + batch_size]} if constraints is not None else {}
-        gens = engine.generate(chunk, [adapter] * len(chunk), max_new_tokens, **extra)
-        latency += [time.perf_counter() - started] * len(chunk)
-        answers += [parse_answer(g.text) for g in gens]
-        if progress is not None:
-            progress.update(len(chunk))
-    return {"answers": answers, "latency_s": latency, "wall_s": time.perf_counter() - wall,
-            "cpu_s": time.process_time() - cpu}
 
 
 def valid_call(answer: dict, tools: list[dict]) -> bool:
@@ -202,7 +182,7 @@ def held_out(cfg: EvaluateConfig, store: Store) -> tuple[Any, list[dict], int, l
 
 def _constraints(tools: list[list[dict]]) -> list[dict | None]:
     """Each example's grammar for `candidate_constrained`: tool_choice "auto" over its declared tools (None: free)."""
-    from flywheel.serve.grammar import constraint_for
+    from flywheel.inference.grammar import constraint_for
 
     return [constraint_for(t, "auto", None) if t else None for t in tools]
 
@@ -228,8 +208,8 @@ def _run_systems(cfg: EvaluateConfig, store: Store, registry, engine, systems: l
 def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
     """Score every system on the test split, gate the candidate, optionally promote it; writes the report."""
     from flywheel.evaluate.metrics import METRICS, PRIMARY
+    from flywheel.inference.engine import HFEngine
     from flywheel.registry.registry import Registry
-    from flywheel.serve.engine import HFEngine
 
     store = store or Store(cfg.home or None)
     registry = Registry(store)

@@ -388,7 +388,7 @@ class Ingress:
         req = call.req
         student_unsupported(req)
         sampling = sampling_params(req, self.cfg.max_new_tokens, self.cfg.max_tokens_limit)
-        from flywheel.serve.grammar import constraint_for
+        from flywheel.inference.grammar import constraint_for
 
         # One call unless the caller asks for parallel calls: the student was taught one call per answer.
         constraint = constraint_for(call.body.get("tools") or [], req.tool_choice, req.response_format,

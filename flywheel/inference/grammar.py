@@ -29,7 +29,7 @@ targets; tool arguments keep their keys in sorted order, as the targets do (`ing
 does not fight what the student learned. A response_format schema keeps its declared order (OpenAI's behaviour).
 
 xgrammar (`pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2`: its wheel also names triton, which
-only its CUDA kernel imports) is imported lazily: `import flywheel.serve.grammar` works without it.
+only its CUDA kernel imports) is imported lazily: `import flywheel.inference.grammar` works without it.
 """
 
 from __future__ import annotations

