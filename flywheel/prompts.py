@@ -61,22 +61,32 @@ def render_tools(tools: list[dict], tool_format: str = "signatures") -> str:
 
 def format_tool_calls(tool_calls: list[dict]) -> str:
     """MESSAGE tool calls (arguments as JSON text) -> the student's text form."""
-    parts = []
-    for tc in tool_calls:
-        try:
-            args = json.loads(tc.get("arguments") or "{}")
-        except json.JSONDecodeError:
-            args = {}
-        parts.append("<tool_call>" + json.dumps({"name": tc["name"], "arguments": args}, ensure_ascii=False)
-                     + "</tool_call>")
-    return "\n".join(parts)
+    return format_with_spans({"tool_calls": tool_calls})[0]
 
 
 def format_answer(msg: dict) -> str:
     """The text the student must produce for a teacher answer (MESSAGE shape)."""
-    if msg.get("tool_calls"):
-        return format_tool_calls(msg["tool_calls"])
-    return (msg.get("content") or "").strip()
+    return format_with_spans(msg)[0]
+
+
+def format_with_spans(msg: dict) -> tuple[str, list[tuple[int, int]]]:
+    """`format_answer`'s text and the character span of each tool call's `arguments` object in it (none for a
+    text answer): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one call per line."""
+    if not msg.get("tool_calls"):
+        return (msg.get("content") or "").strip(), []
+    text, spans = "", []
+    for i, tc in enumerate(msg["tool_calls"]):
+        try:
+            args = json.loads(tc.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        head = ("\n" if i else "") + '<tool_call>{"name": ' + json.dumps(tc["name"], ensure_ascii=False) + \
+            ', "arguments": '
+        body = json.dumps(args, ensure_ascii=False)
+        start = len(text) + len(head)
+        spans.append((start, start + len(body)))
+        text += head + body + "}</tool_call>"
+    return text, spans
 
 
 def chat_messages(messages: list[dict], tools: list[dict], max_history: int = 10,

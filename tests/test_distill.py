@@ -242,12 +242,17 @@ def test_argument_tokens_weigh_more_in_the_training_loss_and_only_there(curated_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flywheel.datasets import TRAIN, read_split
-    from flywheel.distill.data import argument_spans, collate, encode
+    from flywheel.distill.data import collate, encode
+    from flywheel.prompts import format_answer, format_with_spans
 
-    text = '<tool_call>{"name": "Find", "arguments": {"city": "Paris"}}</tool_call>\n<tool_call>{"name": "B", ' \
-           '"arguments": {}}</tool_call>'
-    assert [text[a:b] for a, b in argument_spans(text)] == ['{"city": "Paris"}', "{}"]
-    assert argument_spans("plain text, no call") == []
+    calls = [{"name": "Find", "arguments": '{"city": "Paris", "note": "a \\"quoted\\" }"}'},
+             {"name": "B", "arguments": ""}]
+    text, spans = format_with_spans({"tool_calls": calls})
+    assert text == format_answer({"tool_calls": calls}) == \
+        '<tool_call>{"name": "Find", "arguments": {"city": "Paris", "note": "a \\"quoted\\" }"}}</tool_call>\n' \
+        '<tool_call>{"name": "B", "arguments": {}}</tool_call>'
+    assert [text[a:b] for a, b in spans] == ['{"city": "Paris", "note": "a \\"quoted\\" }"}', "{}"]
+    assert format_with_spans({"content": " plain text, no call "}) == ("plain text, no call", [])
     examples = read_split(store, "sgd_Flights", curated_here["sgd_Flights"]["version"], TRAIN).to_pylist()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     plain, weighted = encode(tok, examples[0], 8192, 10), encode(tok, examples[0], 8192, 10, argument_weight=3.0)

@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from typing import Any
 
-from flywheel.prompts import format_answer, prompt_turns
+from flywheel.prompts import format_with_spans, prompt_turns
 
 
 def encode(tokenizer: Any, example: dict, max_length: int, max_history: int,
            tool_format: str = "signatures", argument_weight: float = 1.0) -> dict | None:
     """One EXAMPLE row -> {"input_ids", "answer_len"} (+ "answer_weights" when `argument_weight` != 1); drops
     history turns until it fits, None if it never does."""
-    text = format_answer(example["target"]) + tokenizer.eos_token
-    answer = tokenizer(text, add_special_tokens=False, return_offsets_mapping=argument_weight != 1)
+    text, spans = format_with_spans(example["target"])
+    answer = tokenizer(text + tokenizer.eos_token, add_special_tokens=False,
+                       return_offsets_mapping=argument_weight != 1)
     answer_ids = answer["input_ids"]
     weights = {} if argument_weight == 1 else \
-        {"answer_weights": _argument_weights(text, answer["offset_mapping"], argument_weight)}
+        {"answer_weights": _argument_weights(spans, answer["offset_mapping"], argument_weight)}
     for history in range(max_history, 0, -1):
         prompt_ids = tokenizer.apply_chat_template(prompt_turns(example, history, tool_format),
                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -42,24 +42,8 @@ def encode(tokenizer: Any, example: dict, max_length: int, max_history: int,
     return None
 
 
-_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_ARGUMENTS = '"arguments": '
-
-
-def argument_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of each tool call's `arguments` object in the student's answer text (`format_tool_calls`:
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the name is a JSON string, so the first
-    `"arguments": ` after it is the key)."""
-    spans = []
-    for call in _CALL.finditer(text):
-        at = call.group(1).find(_ARGUMENTS)
-        if at >= 0:
-            spans.append((call.start(1) + at + len(_ARGUMENTS), call.end(1) - 1))  # up to the call's closing brace
-    return spans
-
-
-def _argument_weights(text: str, offsets: list, weight: float) -> list[float]:
-    spans = argument_spans(text)
+def _argument_weights(spans: list[tuple[int, int]], offsets: list, weight: float) -> list[float]:
+    """A token's weight: `weight` when it overlaps a tool call's arguments (`prompts.format_with_spans`), else 1."""
     return [weight if any(a < end and b > start for start, end in spans) else 1.0 for a, b in offsets]
 
 
