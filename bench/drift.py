@@ -6,7 +6,7 @@
 No Ray, no store: the same pieces `flywheel.monitor.drift.check_drift` runs, with `MonitorConfig`'s defaults
 (window 200, stride 50, alpha 0.01 with Holm over 5 tests, 999 permutations, persistence 2, clear after 3; the
 flags --stride, --persistence, --alpha and --permutations change them):
-`features.reference_features` / `features.live_features`, the bundled MiniLM (`flywheel.embeddings`), the window
+`features.example_features` / `features.live_features`, the bundled MiniLM (`flywheel.embeddings`), the window
 test `drift.window_drift` (repeated requests count once) and the episode rule `episodes.advance`.
 
 Data, shipped with the package:

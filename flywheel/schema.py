@@ -121,6 +121,11 @@ def tools_of(row: dict[str, Any]) -> list[dict]:
     return json.loads(row.get("tools_json") or "[]")
 
 
+def last_user_text(messages: list[dict] | None) -> str:
+    """The content of a conversation's last user message ("" when there is none)."""
+    return next((m.get("content") or "" for m in reversed(list(messages or [])) if m.get("role") == "user"), "")
+
+
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 

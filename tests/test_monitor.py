@@ -137,7 +137,7 @@ def test_features_are_pure_and_shared():
     record = {"messages": msgs, "tools_json": tools, "response": {"role": "assistant", "content": "zzz"},
               "agent_id": AGENT, "record_id": "r1", "timestamp": 5.0, "model": "student:sgd_Flights@v1"}
     row = features.live_features(record)
-    assert features.reference_features(example) == {k: row[k] for k in features.reference_features(example)}
+    assert features.example_features(example) == {k: row[k] for k in features.example_features(example)}
     assert row["backend"] == "student" and row["invalid"] is None and row["shadow"] is None
     # answers: unusable ones get curation's reason codes
     problem = features.invalid_reason

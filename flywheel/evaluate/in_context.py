@@ -17,10 +17,7 @@ from typing import Callable, Sequence
 
 from flywheel.embeddings import EMBEDDING_PACKAGE, default_embedding_model, embed  # noqa: F401  (shared loader)
 from flywheel.prompts import format_answer, prompt_turns
-
-
-def last_user_text(messages: Sequence[dict]) -> str:
-    return next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+from flywheel.schema import last_user_text
 
 
 def nearest(queries, pool, k: int) -> list[list[int]]:

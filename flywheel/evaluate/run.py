@@ -111,7 +111,7 @@ def cost_summary(store: Store, examples: list[dict], engine, cfg: EvaluateConfig
 
 def judge_row(cfg: EvaluateConfig, examples: list[dict], answers: list[dict]) -> dict:
     """The judge's figures for one system: mean 1-5 score (and interval) over the judged examples, failures."""
-    from flywheel.evaluate.in_context import last_user_text
+    from flywheel.schema import last_user_text
     from flywheel.evaluate.judge import HTTPJudge, judge_answers
     from flywheel.evaluate.metrics import bootstrap_ci
 

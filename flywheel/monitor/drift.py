@@ -93,7 +93,7 @@ def reference_features(store: Store, agent: str, version: str, cfg: MonitorConfi
     if table.num_rows > cfg.max_reference:  # a fixed sample per version: every check compares with the same rows
         rng = np.random.default_rng(int(digest(agent, version, n=8), 16))
         table = table.take(np.sort(rng.choice(table.num_rows, cfg.max_reference, replace=False)))
-    rows = [features.reference_features(ex) for ex in table.to_pylist()]
+    rows = [features.example_features(ex) for ex in table.to_pylist()]
     for row, vector in zip(rows, embed_texts([r["text"] for r in rows], cfg.embedding_model)):
         row["emb"] = live.encode(vector)
     out = pa.Table.from_pylist(rows).replace_schema_metadata({b"flywheel.monitor": json.dumps(key).encode()})

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 from flywheel.checks import answer_problem, dedup_key
 from flywheel.pii import Redactor
+from flywheel.schema import last_user_text
 
 _WORD = re.compile(r"[a-z0-9']+")
 MAX_TEXT_CHARS = 2000  # the text kept in the monitor's state (the embedding sees all of it)
@@ -42,14 +43,6 @@ MAX_TEXT_CHARS = 2000  # the text kept in the monitor's state (the embedding see
 def words(text: str) -> list[str]:
     """Lower-cased word tokens (letters, digits, apostrophes)."""
     return _WORD.findall((text or "").lower())
-
-
-def last_user_text(messages: Sequence[dict[str, Any]] | None) -> str:
-    """The content of the last user message, PII-redacted as curation redacts the reference ("" when none)."""
-    for m in reversed(list(messages or [])):
-        if m.get("role") == "user":
-            return Redactor()(m.get("content") or "") or ""
-    return ""
 
 
 def n_tools(tools_json: str | None) -> int:
@@ -70,6 +63,7 @@ def input_features(messages: Sequence[dict[str, Any]] | None, tools_json: str | 
                    agent: str = "") -> dict[str, Any]:
     """The input features of one request (see the module docstring); the same for EXAMPLE and LOG_RECORD rows."""
     text = last_user_text(messages)
+    text = (Redactor()(text) or "") if text else ""  # redacted as curation redacts the reference
     return {"text": text, "chars": len(text), "words": len(words(text)), "n_messages": len(list(messages or [])),
             "n_tools": n_tools(tools_json), "key": request_key(agent, messages, tools_json)}
 
@@ -145,7 +139,7 @@ def live_features(record: dict[str, Any]) -> dict[str, Any]:
             **quality_features(record)}
 
 
-def reference_features(example: dict[str, Any]) -> dict[str, Any]:
+def example_features(example: dict[str, Any]) -> dict[str, Any]:
     """Input features of one training example (`schema.EXAMPLE` row)."""
     feats = input_features(example.get("messages"), example.get("tools_json"), example.get("agent_id") or "")
     feats["text"] = feats["text"][:MAX_TEXT_CHARS]
