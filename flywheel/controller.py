@@ -445,9 +445,9 @@ def _overrides(cls: type, path: str) -> dict:
 
 def run_controller(cfg: ControllerConfig) -> dict:
     """The `flywheel run` verb (and `jobs/run.py`): joins the Ray instance here (or RAY_ADDRESS), then passes."""
-    from flywheel.cli import _ray_init
+    from flywheel.raycluster import connect_ray
 
-    _ray_init()
+    connect_ray(configure_logging=False, log_to_driver=False)
     return {"passes": Controller(cfg).run()}
 
 
