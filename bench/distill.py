@@ -23,7 +23,7 @@ as test). Per agent in `--agents` a LoRA adapter is distilled on Ray Train from 
 
 Each with function-name accuracy, name+arguments accuracy and valid-call rate (plain text, or parseable calls of
 declared tools with schema-valid arguments), each with a 95% percentile-bootstrap interval over test examples
-(`flywheel.evaluate.metrics.bootstrap_ci`), and the distilled student's decoding speed (completion tokens per
+(`flywheel.metrics.bootstrap_ci`), and the distilled student's decoding speed (completion tokens per
 second of `generate`) with and without the grammar, counted by `CountingEngine` around the engine evaluation uses.
 
 Levers (all off by default):
@@ -156,7 +156,7 @@ def score(args, store, student: str, engine: CountingEngine, agent: str, version
 
 def with_intervals(row: dict, n_boot: int, seed: int) -> dict:
     """The row plus a bootstrap interval for `valid_call` (a 0/1 rate: its bootstrap needs only the count)."""
-    from flywheel.evaluate.metrics import bootstrap_ci
+    from flywheel.metrics import bootstrap_ci
 
     if row.get("valid_call") is None or "valid_call_ci" in row:
         return row

@@ -5,7 +5,7 @@
 Reads an agent's TEST split from a Flywheel home (for instance one `bench/distill.py --home` kept), decodes every
 example with the registered adapter under its tool-call grammar (`tool_choice: auto`, as `candidate_constrained`
 in `flywheel evaluate`), and compares each call with the teacher's the way `name_args_accuracy` does
-(`flywheel.evaluate.metrics.canonical_args`: declared types, case and whitespace ignored, an optional argument
+(`flywheel.metrics.canonical_args`: declared types, case and whitespace ignored, an optional argument
 equal to its declared default the same as leaving it out). Printed: how many answers are right, and per argument
 name how often the student left out a value the teacher gave (`omitted`), gave one the teacher did not (`added`),
 or gave another value (`wrong`), with examples; a wrong function counts under `function`. Results go to
@@ -41,7 +41,7 @@ def calls(answer: dict | None) -> dict[str, dict]:
 
 def differences(expected: dict, answer: dict, tools: list[dict]) -> list[tuple[str, str, str]]:
     """(kind, argument, "teacher -> student") for each difference; empty when the answer is right."""
-    from flywheel.evaluate.metrics import canonical_args, tool_schemas
+    from flywheel.metrics import canonical_args, tool_schemas
 
     schemas = tool_schemas(tools)
     exp, got = calls(expected), calls(answer)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from flywheel.evaluate.gate import decide
-from flywheel.evaluate.metrics import bootstrap_ci, confidence_intervals, per_example, score, score_tool_call
+from flywheel.metrics import bootstrap_ci, confidence_intervals, per_example, score, score_tool_call
 from flywheel.schema import message
 
 TOOLS = [{"type": "function", "function": {"name": "BookFlight", "parameters": {

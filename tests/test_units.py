@@ -13,7 +13,7 @@ import yaml
 from flywheel import config as C
 from flywheel.curate import filters as F
 from flywheel.evaluate.gate import decide
-from flywheel.evaluate.metrics import norm_value, score, score_tool_call, wilson_lower
+from flywheel.metrics import norm_value, score, score_tool_call, wilson_lower
 from flywheel.pii import Redactor
 from flywheel.prompts import chat_messages, format_answer, parse_answer, render_tool
 from flywheel.registry.registry import PromotionConflict, Registry, RegistryError

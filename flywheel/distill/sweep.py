@@ -136,7 +136,7 @@ class ValidationScorer:
         self._calls = 0
 
     def __call__(self, adapter_dir: str) -> dict[str, float]:
-        from flywheel.evaluate.metrics import score
+        from flywheel.metrics import score
         from flywheel.inference.answers import generate_answers
 
         self._calls += 1
@@ -301,7 +301,7 @@ def sweep(cfg: SweepConfig, store: Store | None = None, callbacks: Sequence = ()
     import ray
 
     from flywheel import tracking
-    from flywheel.evaluate.metrics import METRICS, PRIMARY
+    from flywheel.metrics import METRICS, PRIMARY
     from flywheel.models import resolve_model_path
 
     store = store or Store(cfg.home or None)

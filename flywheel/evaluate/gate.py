@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flywheel.evaluate.metrics import BINARY, PRIMARY, wilson_lower
+from flywheel.metrics import BINARY, PRIMARY, wilson_lower
 
 
 def _number(x: Any) -> float | None:

@@ -50,7 +50,7 @@ def system_row(task: str, expected: list[dict], answers: list[dict], tools: list
                run: dict | None = None) -> dict:
     """One system's metrics, intervals, `valid_call` rate and (for a generating system) latency and cost."""
     from flywheel.evaluate.costs import percentile, student_cost_per_1k
-    from flywheel.evaluate.metrics import confidence_intervals, per_example, summarise
+    from flywheel.metrics import confidence_intervals, per_example, summarise
 
     values = per_example(task, expected, answers, tools)
     row = {**summarise(task, values), "n": len(expected),
@@ -113,7 +113,7 @@ def judge_row(cfg: EvaluateConfig, examples: list[dict], answers: list[dict]) ->
     """The judge's figures for one system: mean 1-5 score (and interval) over the judged examples, failures."""
     from flywheel.schema import last_user_text
     from flywheel.evaluate.judge import HTTPJudge, judge_answers
-    from flywheel.evaluate.metrics import bootstrap_ci
+    from flywheel.metrics import bootstrap_ci
 
     judge = HTTPJudge(cfg.judge_url, cfg.judge_model or cfg.agent, cfg.judge_api_key_env, cfg.judge_timeout_s)
     try:
@@ -207,7 +207,7 @@ def _run_systems(cfg: EvaluateConfig, store: Store, registry, engine, systems: l
 
 def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
     """Score every system on the test split, gate the candidate, optionally promote it; writes the report."""
-    from flywheel.evaluate.metrics import METRICS, PRIMARY
+    from flywheel.metrics import METRICS, PRIMARY
     from flywheel.inference.engine import HFEngine
     from flywheel.registry.registry import Registry
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from flywheel.metrics import PRIMARY
 from flywheel.registry.registry import Registry
 from flywheel.routing import STUDENT, TEACHER, get_route, retrain_queue
 from flywheel.storage import Store
 
 DRIFT_EVENTS, CONTROLLER_EVENTS = "monitor/events", "controller/events"
-PRIMARY = ("function_name_accuracy", "accuracy", "token_f1")  # flywheel.evaluate.metrics.PRIMARY's values
 HISTORY = 50  # drift points and controller events kept per agent
 
 
@@ -66,7 +66,7 @@ def backend(store: Store, agent: str, production: dict | None) -> dict:
 def _metric(scores: dict, report: dict | None) -> str | None:
     if report and isinstance(report.get("metric"), str):
         return report["metric"]
-    return next((m for m in PRIMARY if m in scores), None)
+    return next((m for m in PRIMARY.values() if m in scores), None)
 
 
 def versions(store: Store, agent: str, production: str | None) -> list[dict]:
