@@ -26,6 +26,7 @@ R_BAD_MESSAGES = "bad_messages"
 R_BAD_RESPONSE = "bad_response"
 R_BAD_TOOL_ARGUMENTS = "bad_tool_arguments"
 R_MISTYPED = "mistyped_field"
+SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "dialogue_id", "sgd_dialogue_id")  # read in this order
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 
 TOOL_CALL = pa.struct(
@@ -92,6 +93,13 @@ QUARANTINE = pa.schema(
         ("raw", pa.string()),
     ]
 )
+
+
+def quarantine_row(reason: str, detail: str, source: str, raw: str, stage: str = "ingest",
+                   record_id: str | None = None, agent_id: str | None = None) -> dict:
+    """One QUARANTINE row: a stable reason code, what was wrong, where, and the input's first 4 KiB."""
+    return {"reason": reason, "detail": detail, "stage": stage, "source": source,
+            "record_id": record_id, "agent_id": agent_id, "raw": raw[:4096]}
 
 
 def message(role: str, content: str | None = None, tool_calls: list[dict] | None = None,

@@ -38,9 +38,9 @@ import math
 from typing import Any, Collection, Iterable
 
 from flywheel.ids import InvalidId, check_id
-from flywheel.schema import (R_BAD_MESSAGES, R_BAD_RESPONSE, R_BAD_TOOL_ARGUMENTS, R_MISTYPED, Rejected,  # noqa: F401
-                             canonical_json, digest, message, normalise_arguments, normalise_message,
-                             normalise_tool_calls)
+from flywheel.schema import (R_BAD_MESSAGES, R_BAD_RESPONSE, R_BAD_TOOL_ARGUMENTS, R_MISTYPED,  # noqa: F401
+                             SESSION_KEYS, Rejected, canonical_json, digest, message, normalise_arguments,
+                             normalise_message, normalise_tool_calls, quarantine_row)
 
 R_INVALID_UTF8 = "invalid_utf8"
 R_INVALID_JSON = "invalid_json"
@@ -53,7 +53,6 @@ R_OVERSIZED = "oversized_record"
 R_UNKNOWN_AGENT = "unknown_agent"
 R_INVALID_ID = "invalid_id"
 
-SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "dialogue_id", "sgd_dialogue_id")
 # Top-level fields this module reads; every other top-level field is kept verbatim in `extra_json`.
 CORE_KEYS = {"request", "response", "messages", "tools", "model", "agent_id", "workload_id", "client_id", "tenant",
              "timestamp", "metadata", "record_id", "latency_ms", "feedback", "usage", "session_id"}
@@ -240,12 +239,6 @@ def parse_record(obj: Any, source: str, default_agent: str = "", tenant: str = "
         "feedback": _typed_number(obj, meta, "feedback", None),
         "source": source, "extra_json": extra_fields(obj),
     }
-
-
-def quarantine_row(reason: str, detail: str, source: str, raw: str, stage: str = "ingest",
-                   record_id: str | None = None, agent_id: str | None = None) -> dict:
-    return {"reason": reason, "detail": detail, "stage": stage, "source": source,
-            "record_id": record_id, "agent_id": agent_id, "raw": raw[:4096]}
 
 
 def parse_lines(lines: Iterable[bytes], source: str, default_agent: str = "", tenant: str = "default",

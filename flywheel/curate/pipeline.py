@@ -54,7 +54,7 @@ from flywheel.config import CurateConfig
 from flywheel.curate import card, filters
 from flywheel.curate.reviewed import Review, label_lineage, read_review
 from flywheel.datasets import SPLITS, latest_version, pinned_sessions, split_file, split_name
-from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE, digest
+from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE, digest, quarantine_row
 from flywheel.storage import Store
 
 CLEAN = pa.schema([
@@ -540,7 +540,7 @@ def _route(batch: pa.RecordBatch, agent: str, decided: dict[str, tuple], done: s
     if take["quarantine"]:
         rows = table.take(take["quarantine"]).to_pylist()
         sinks["quarantine"].add(pa.Table.from_pylist([
-            {"reason": decided[r["record_id"]][0], "detail": decided[r["record_id"]][1] or r.get("detail"),
-             "stage": "curate", "source": r.get("source"), "record_id": r["record_id"], "agent_id": agent,
-             "raw": json.dumps({"messages": r["messages"][-2:], "target": r["target"]}, default=str)[:4096]}
+            quarantine_row(decided[r["record_id"]][0], decided[r["record_id"]][1] or r.get("detail"), r.get("source"),
+                           json.dumps({"messages": r["messages"][-2:], "target": r["target"]}, default=str),
+                           "curate", r["record_id"], agent)
             for r in rows], schema=QUARANTINE))

@@ -53,13 +53,12 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flywheel.capture.ingest import SESSION_KEYS, quarantine_row
 from flywheel.capture.store import LogStore
 from flywheel.config import ConfigError, ServeConfig
 from flywheel.ids import is_valid_id
 from flywheel.prompts import chat_messages
 from flywheel.routing import STUDENT, TEACHER
-from flywheel.schema import Rejected, canonical_json, normalise_message
+from flywheel.schema import SESSION_KEYS, Rejected, canonical_json, normalise_message, quarantine_row
 from flywheel.serve.auth import KeyStore, Principal, RateLimiter, is_loopback
 from flywheel.serve.autoscale import (HOT_AGENTS, HOT_AGENTS_EVERY_S, INGRESS, TrafficGauges, TrafficWindow,
                                       autoscaling_config, hot_agents, report)
