@@ -88,7 +88,7 @@ class Embeddings:
             keys = sorted(self.vectors)
             np.savez(self.path, keys=np.array(keys), vectors=np.stack([self.vectors[k] for k in keys]))
         for r in rows:
-            r["emb"] = live.encode(self.vectors[self.key(r["text"])])
+            r["emb"] = live.pack_embedding(self.vectors[self.key(r["text"])])
 
 
 # -- data -----------------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def table(rows: list[list], header: list[str]) -> str:
+def text_table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -170,7 +170,7 @@ def _curate(cfg: DemoConfig, store: Store, timings: dict) -> None:
     t = time.time()
     manifests = curate(CurateConfig(agents=cfg.agents), store)
     timings["curate"] = time.time() - t
-    print(table([[a, m["version"], m["counts"]["in"], *(m["counts"][s] for s in SPLITS),
+    print(text_table([[a, m["version"], m["counts"]["in"], *(m["counts"][s] for s in SPLITS),
                   m["counts"]["quarantined"], json.dumps(m["reasons"]) or "{}", json.dumps(m["pii"])]
                  for a, m in manifests.items()],
                 ["agent", "version", "in", *SPLITS, "quarantined", "reasons", "pii redacted"]))
@@ -214,7 +214,7 @@ def _evaluate(cfg: DemoConfig, store: Store, timings: dict) -> dict[str, dict]:
             label = system.replace("candidate", f"distilled {rep['candidate_version']}").replace("_", " ")
             rows.append([agent, label, f"{r['function_name_accuracy']:.2f}", f"{r['name_args_accuracy']:.2f}",
                          f"{r['slot_f1']:.2f}", _num(r.get("valid_call")), r.get("s_per_request") or "-"])
-    print(table(rows, ["agent", "system", "function name", "name+args", "slot F1", "valid call", "s/request"]))
+    print(text_table(rows, ["agent", "system", "function name", "name+args", "slot F1", "valid call", "s/request"]))
     for agent, rep in reports.items():
         gate = rep["gate"]
         print(f"{agent}: gate {'PASSED' if gate['passed'] else 'FAILED'} "
@@ -282,7 +282,7 @@ def _summary(cfg: DemoConfig, store: Store, reports: dict, answered: dict, drift
              started: float) -> dict:
     say("7/7 summary")
     total = time.time() - started
-    print(table([[k, f"{v:.0f}s"] for k, v in timings.items()] + [["total", f"{total:.0f}s"]], ["stage", "time"]))
+    print(text_table([[k, f"{v:.0f}s"] for k, v in timings.items()] + [["total", f"{total:.0f}s"]], ["stage", "time"]))
     better = all(reports[a]["candidate"]["function_name_accuracy"] > reports[a]["base"]["function_name_accuracy"]
                  for a in cfg.agents)
     print(f"distilled student beats the base student on function-name accuracy for every agent: {better}")

@@ -95,7 +95,7 @@ def reference_features(store: Store, agent: str, version: str, cfg: MonitorConfi
         table = table.take(np.sort(rng.choice(table.num_rows, cfg.max_reference, replace=False)))
     rows = [features.example_features(ex) for ex in table.to_pylist()]
     for row, vector in zip(rows, embed_texts([r["text"] for r in rows], cfg.embedding_model)):
-        row["emb"] = live.encode(vector)
+        row["emb"] = live.pack_embedding(vector)
     out = pa.Table.from_pylist(rows).replace_schema_metadata({b"flywheel.monitor": json.dumps(key).encode()})
     buf = io.BytesIO()
     pq.write_table(out, buf)
@@ -108,13 +108,13 @@ def featurize(records: Sequence[dict], model_path: str = "") -> list[dict]:
     """Window rows of live LOG_RECORD rows: `features.live_features` plus the embedding of the text."""
     rows = [features.live_features(r) for r in records]
     for row, vector in zip(rows, embed_texts([r["text"] for r in rows], model_path)):
-        row["emb"] = live.encode(vector)
+        row["emb"] = live.pack_embedding(vector)
     return rows
 
 
 def window_drift(reference: Sequence[dict], window: Sequence[dict], cfg: MonitorConfig, seed: int = 0) -> dict:
     """The input drift tests of a window of feature rows (with "emb") against reference rows; see `stats`."""
-    return stats.input_drift(stats.sample(reference, live.decode(reference)), stats.sample(window, live.decode(window)),
+    return stats.input_drift(stats.sample(reference, live.unpack_embeddings(reference)), stats.sample(window, live.unpack_embeddings(window)),
                              cfg.alpha, cfg.permutations, seed)
 
 

@@ -113,7 +113,7 @@ def _extra(record: dict[str, Any]) -> dict[str, Any]:
     return extra if isinstance(extra, dict) else {}
 
 
-def backend(model: str | None) -> str:
+def backend_kind(model: str | None) -> str:
     kind = (model or "").split(":", 1)[0]
     return kind if kind in ("student", "teacher") else "other"
 
@@ -124,7 +124,7 @@ def quality_features(record: dict[str, Any]) -> dict[str, Any]:
     shadow = extra.get("shadow")
     other = shadow.get("response") if isinstance(shadow, dict) else None
     feedback = record.get("feedback")
-    return {"backend": backend(record.get("model")),
+    return {"backend": backend_kind(record.get("model")),
             "invalid": invalid_reason(record.get("tools_json"), record.get("response")),
             "fallback": bool(extra.get("fallback")),
             "feedback": float(feedback) if feedback is not None else None,

@@ -155,12 +155,12 @@ def extend(window: Sequence[dict], rows: Sequence[dict], size: int) -> list[dict
     return merged[-size:] if size > 0 else []
 
 
-def encode(vector: np.ndarray) -> str:
+def pack_embedding(vector: np.ndarray) -> str:
     """An embedding as base64 float16 (what the state and the reference cache keep)."""
     return base64.b64encode(np.asarray(vector, dtype=np.float16).tobytes()).decode()
 
 
-def decode(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+def unpack_embeddings(rows: Sequence[dict[str, Any]]) -> np.ndarray:
     """The embeddings of feature rows (n x d float64)."""
     if not rows:
         return np.zeros((0, 0))
