@@ -126,7 +126,8 @@ def train(args, store, student: str, agent: str, epochs: float, **levers) -> dic
     from flywheel.distill.train import distill
 
     levers = {k: v for k, v in levers.items() if v} | {"tool_format": args.tool_format,
-                                                        "argument_weight": args.argument_weight}
+                                                        "argument_weight": args.argument_weight,
+                                                        "value_swaps": args.value_swaps}
     if args.validation_every:
         levers |= {"validation_every": args.validation_every, "early_stopping_patience": args.patience}
     needs(DistillConfig, *levers)
@@ -355,7 +356,8 @@ def report(result: dict) -> None:
     print(f"\n== distillation of {result['student']} on {result['cpus']} CPUs ({result.get('wall_s', '-')} s in all); "
           f"figures on each agent's TEST split, 95% bootstrap intervals; tools rendered as "
           f"{args.get('tool_format', 'signatures')}, max_length {args['max_length']}, argument tokens weighted "
-          f"x{args.get('argument_weight', 1.0):g} in the training loss")
+          f"x{args.get('argument_weight', 1.0):g} in the training loss, {args.get('value_swaps', 0)} value-swapped "
+          f"copies per training example")
     if result.get("shared"):
         s = result["shared"]
         print(f"\nshared adapter {SHARED}@{s['version']}: {len(s['sources'])} agents, {s['train_examples']} train "
@@ -400,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="how tools are rendered in the prompt (training and scoring; Serve renders signatures)")
     ap.add_argument("--argument-weight", type=float, default=1.0,
                     help="weight of a tool call's argument tokens in the training loss (1: plain cross-entropy)")
+    ap.add_argument("--value-swaps", type=int, default=0,
+                    help="copies of each training example with its stated argument values swapped (0: off)")
     ap.add_argument("--validation-every", type=int, default=0,
                     help="early stopping: validation loss every N steps, the best adapter kept (0: off)")
     ap.add_argument("--patience", type=int, default=0, help="stop after this many checks without a lower loss")

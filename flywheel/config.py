@@ -175,6 +175,7 @@ class DistillConfig:
     max_history: int = 10
     tool_format: str = "signatures"  # tools in the prompt: signatures | json (Serve renders signatures)
     argument_weight: float = 1.0  # >1: a tool call's argument tokens weigh this much more in the training loss
+    value_swaps: int = 0  # >0: this many copies of each training example with its stated values swapped (distill.data)
     bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively (flywheel.hardware); fp32 elsewhere
     checkpoint_every: int = 0  # steps; 0: once per epoch and at the end
     seed: int = 0
@@ -215,6 +216,8 @@ class DistillConfig:
         if not 1 <= self.argument_weight <= 100:
             raise ConfigError(f"argument_weight: must be between 1 (plain cross-entropy) and 100, got "
                               f"{self.argument_weight}")
+        if not 0 <= self.value_swaps <= 10:
+            raise ConfigError(f"value_swaps: must be between 0 (off) and 10 copies per example, got {self.value_swaps}")
         from flywheel.prompts import TOOL_FORMATS
 
         if self.tool_format not in TOOL_FORMATS:

@@ -279,3 +279,56 @@ def test_argument_tokens_weigh_more_in_the_training_loss_and_only_there(curated_
             DistillConfig(agent="a", argument_weight=bad)
     out = distill(here(tiny_model, max_steps=1, argument_weight=4.0, run_name="weighted"), store)
     assert Registry(store).get("sgd_Flights", out["version"])["hyperparameters"]["argument_weight"] == 4.0
+
+
+def _example(eid: str, user: str, name: str, args: dict) -> dict:
+    return {"example_id": eid, "record_id": eid, "messages": [{"role": "user", "content": user}],
+            "target": {"role": "assistant", "content": None,
+                       "tool_calls": [{"id": "c", "name": name, "arguments": json.dumps(args)}]}}
+
+
+def test_value_swaps_change_a_stated_value_in_the_conversation_and_the_call_alike():
+    from flywheel.distill.data import swap_values
+
+    examples = [_example("a", "A table at Thai Basil in San Jose, thai food please.", "Reserve",
+                         {"restaurant_name": "Thai Basil", "location": "San Jose", "category": "Thai", "seats": "4",
+                          "date": "2019-03-01"}),
+                _example("b", "Somewhere in Oakland.", "Reserve",
+                         {"restaurant_name": "Kiku Sushi", "location": "Oakland", "category": "Sushi", "seats": "2",
+                          "date": "2019-03-02"}),
+                _example("c", "Book it for me.", "Reserve", {"restaurant_name": "Basil"}),  # nothing stated
+                _example("d", "I'd like Kiku Sushi.", "Other", {"restaurant_name": "Kiku Sushi"})]  # one value only
+    out = swap_values(examples, 2, seed=0)
+    assert out[:4] == examples  # the originals come first, untouched
+    variants = out[4:]
+    assert [v["example_id"] for v in variants] == ["a~swap0", "a~swap1", "b~swap0", "b~swap1"]
+    for v in variants[:2]:
+        user = v["messages"][0]["content"]
+        args = json.loads(v["target"]["tool_calls"][0]["arguments"])
+        # every stated value comes from the same argument's other values; unstated and short ones stay
+        assert args == {"restaurant_name": "Kiku Sushi", "location": "Oakland", "category": "Sushi", "seats": "4",
+                        "date": "2019-03-01"}
+        assert user == "A table at Kiku Sushi in Oakland, Sushi food please."  # "thai" too: matched without case
+    b = json.loads(variants[2]["target"]["tool_calls"][0]["arguments"])
+    assert b["location"] == "San Jose" and b["restaurant_name"] == "Kiku Sushi"  # not stated in b: kept
+    assert variants[2]["messages"][0]["content"] == "Somewhere in San Jose."
+    assert swap_values(examples, 0, seed=0) == examples
+    with pytest.raises(ConfigError, match="value_swaps"):
+        DistillConfig(agent="a", value_swaps=11)
+
+
+def test_value_swaps_add_training_examples_only(curated_here, store, tiny_model):
+    from flywheel.datasets import TRAIN, read_split
+    from flywheel.distill.data import swap_values
+
+    version = curated_here["sgd_Flights"]["version"]
+    examples = read_split(store, "sgd_Flights", version, TRAIN).to_pylist()
+    variants = swap_values(examples, 1, seed=0)[len(examples):]
+    assert variants, "the SGD sample states cities and airlines verbatim: some examples must get a variant"
+    for v in variants:
+        original = next(e for e in examples if e["example_id"] == v["example_id"].removesuffix("~swap0"))
+        assert v["target"] != original["target"] and v["messages"] != original["messages"]
+    plain = distill(here(tiny_model, max_steps=1, run_name="plain"), store)
+    swapped = distill(here(tiny_model, max_steps=1, value_swaps=1, run_name="swapped"), store)
+    assert swapped["train_examples"] == plain["train_examples"] + len(variants)
+    assert Registry(store).get("sgd_Flights", swapped["version"])["hyperparameters"]["value_swaps"] == 1

@@ -11,6 +11,11 @@ layer over the last `answer_len + 1` positions (`logits_to_keep`), which saves ~
 training loss (the values the student gets wrong are few tokens among many format tokens it learns in an epoch);
 validation loss stays unweighted, so early stopping compares runs on one scale.
 
+`swap_values` (a training lever, off by default) adds copies of each training example in which the call's
+argument values that the conversation states word for word are swapped, in the conversation and in the call alike,
+for other values the same argument takes in the train split: the student then cannot score by recalling the values
+it saw most often and has to copy the one this conversation gives.
+
 `take_balanced` shares an example cap between several agents' train splits (a shared adapter);
 `mean_answer_loss` is the validation loss that early stopping and the sweep's `eval_loss` read.
 """
@@ -18,7 +23,9 @@ validation loss stays unweighted, so early stopping compares runs on one scale.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import re
 from typing import Any
 
 from flywheel.prompts import format_with_spans, prompt_turns
@@ -61,6 +68,91 @@ def take_balanced(groups: dict[str, list[dict]], max_examples: int, seed: int) -
         ranked = sorted(groups[name], key=lambda ex: hashlib.sha256(f"{seed}:{ex['record_id']}".encode()).hexdigest())
         out += ranked[:quota]
     return out
+
+
+MIN_SWAP_CHARS = 3  # shorter values ("4", "no") match too much unrelated text to swap safely
+
+
+def swap_values(examples: list[dict], copies: int, seed: int) -> list[dict]:
+    """`examples` plus up to `copies` variants of each with its call's verbatim-stated values swapped (see above).
+    An example none of whose values can be swapped gets no variant; values only come from `examples` themselves."""
+    pool = _value_pool(examples)
+    rng = random.Random(seed)
+    variants = []
+    for ex in examples:
+        for i in range(copies):
+            variant = _swapped(ex, pool, rng, i)
+            if variant is not None:
+                variants.append(variant)
+    return examples + variants
+
+
+def _calls(example: dict) -> list[tuple[str, dict]]:
+    """(function name, arguments) of each call in an example's target whose arguments parse as a JSON object."""
+    out = []
+    for call in (example["target"] or {}).get("tool_calls") or []:
+        try:
+            args = json.loads(call["arguments"] or "{}")
+        except (TypeError, ValueError):
+            continue
+        if isinstance(args, dict):
+            out.append((call["name"], args))
+    return out
+
+
+def _value_pool(examples: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """(function, argument) -> the distinct string values it takes in `examples`, sorted (a stable choice order)."""
+    pool: dict[tuple[str, str], set[str]] = {}
+    for ex in examples:
+        for name, args in _calls(ex):
+            for key, value in args.items():
+                if isinstance(value, str) and len(value) >= MIN_SWAP_CHARS:
+                    pool.setdefault((name, key), set()).add(value)
+    return {k: sorted(v) for k, v in pool.items()}
+
+
+def _stated(value: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(value)}(?!\w)", re.IGNORECASE)
+
+
+def _swapped(example: dict, pool: dict, rng: random.Random, copy: int) -> dict | None:
+    """One variant of `example`, or None when no value of its call is both stated verbatim and swappable."""
+    texts = [m.get("content") or "" for m in example["messages"]]
+    conversation = "\n".join(texts)
+    mapping: dict[str, str] = {}
+    for name, args in _calls(example):
+        for key, value in args.items():
+            if not isinstance(value, str) or value.lower() in mapping or not _stated(value).search(conversation):
+                continue
+            others = [v for v in pool.get((name, key), ()) if v.lower() != value.lower()
+                      and not _stated(v).search(conversation)]
+            if others:
+                mapping[value.lower()] = rng.choice(others)
+    if not mapping:
+        return None
+    pattern = re.compile("|".join(rf"(?<!\w){re.escape(v)}(?!\w)" for v in sorted(mapping, key=len, reverse=True)),
+                         re.IGNORECASE)
+
+    def swap(text: str | None) -> str | None:
+        return text if text is None else pattern.sub(lambda m: mapping[m.group(0).lower()], text)
+
+    def swap_message(m: dict) -> dict:
+        calls = [{**c, "arguments": _swap_arguments(c["arguments"], swap)} for c in m.get("tool_calls") or []]
+        return {**m, "content": swap(m.get("content")), "tool_calls": calls or m.get("tool_calls")}
+
+    return {**example, "example_id": f"{example['example_id']}~swap{copy}",
+            "messages": [swap_message(m) for m in example["messages"]], "target": swap_message(example["target"])}
+
+
+def _swap_arguments(arguments: str | None, swap: Any) -> str | None:
+    """A call's arguments JSON with every string value that is a swapped value replaced (whole values only)."""
+    try:
+        args = json.loads(arguments or "{}")
+    except (TypeError, ValueError):
+        return arguments
+    if not isinstance(args, dict):
+        return arguments
+    return json.dumps({k: swap(v) if isinstance(v, str) else v for k, v in args.items()}, ensure_ascii=False)
 
 
 def length_buckets(items: list[dict], batch_size: int, seed: int) -> list[list[dict]]:

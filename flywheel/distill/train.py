@@ -251,12 +251,15 @@ def _lora_model(cfg: DistillConfig, store: Store, init: dict | None) -> Any:
 
 def _encoded(store: Store, tokenizer: Any, cfg: DistillConfig, sources: list, split: str,
              cap: int = 0) -> list[dict]:
-    """The examples of `split` of every (agent, version) in `sources`, capped by `cap` (shared equally), encoded."""
-    from flywheel.distill.data import encode, take_balanced
+    """The examples of `split` of every (agent, version) in `sources`, capped by `cap` (shared equally), with
+    `value_swaps` variants added to the train split only, encoded."""
+    from flywheel.distill.data import encode, swap_values, take_balanced
 
     groups = {f"{agent}@{version}": open_split(store, agent, version, split).rows(task_only=False)
               for agent, version in sources}
     examples = take_balanced(groups, cap, cfg.seed)
+    if split == TRAIN and cfg.value_swaps:
+        examples = swap_values(examples, cfg.value_swaps, cfg.seed)
     weight = cfg.argument_weight if split == TRAIN else 1.0  # validation loss: unweighted (see distill.data)
     return [e for e in (encode(tokenizer, ex, cfg.max_length, cfg.max_history, cfg.tool_format, weight)
                         for ex in examples) if e]
