@@ -134,7 +134,7 @@ def _swapped(example: dict, pool: dict, rng: random.Random, copy: int) -> dict |
                          re.IGNORECASE)
 
     def swap(text: str | None) -> str | None:
-        return text if text is None else pattern.sub(lambda m: mapping[m.group(0).lower()], text)
+        return text if text is None else pattern.sub(lambda m: mapping.get(m.group(0).lower(), m.group(0)), text)
 
     def swap_message(m: dict) -> dict:
         calls = [{**c, "arguments": _swap_arguments(c["arguments"], swap)} for c in m.get("tool_calls") or []]
