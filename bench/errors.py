@@ -8,7 +8,8 @@ in `flywheel evaluate`), and compares each call with the teacher's the way `name
 (`flywheel.metrics.canonical_args`: declared types, case and whitespace ignored, an optional argument
 equal to its declared default the same as leaving it out). Printed: how many answers are right, and per argument
 name how often the student left out a value the teacher gave (`omitted`), gave one the teacher did not (`added`),
-or gave another value (`wrong`), with examples; a wrong function counts under `function`. Results go to
+or gave another value (`wrong`), with examples; a wrong function counts under `function`; then every answer that
+is not a valid call (`flywheel.evaluate.run.valid_call`) with the reason. Results, each answer included, go to
 bench/out/errors-<time>.json.
 """
 
@@ -73,7 +74,7 @@ def main() -> None:
 
     from flywheel.config import default_student_path
     from flywheel.datasets import TEST, open_split, resolve_version
-    from flywheel.evaluate.run import tool_format
+    from flywheel.evaluate.run import call_problem_of, tool_format
     from flywheel.inference.answers import generate_answers
     from flywheel.inference.engine import HFEngine
     from flywheel.inference.grammar import constraint_for
@@ -96,7 +97,9 @@ def main() -> None:
     kinds, samples, rows = Counter(), defaultdict(list), []
     for e, answer, t in zip(examples, run["answers"], tools):
         diff = differences(e["target"], answer, t)
-        rows.append({"record_id": e["record_id"], "right": not diff, "differences": diff})
+        problem = call_problem_of(answer, t)
+        rows.append({"record_id": e["record_id"], "right": not diff, "differences": diff,
+                     "invalid": list(problem) if problem else None, "answer": answer})
         for kind, key, text in diff:
             kinds[(kind, key)] += 1
             samples[(kind, key)].append(text)
@@ -104,6 +107,8 @@ def main() -> None:
     print(f"{args.agent}@{entry['version']}: {right}/{len(rows)} answers right (name + arguments, constrained)")
     for (kind, key), n in kinds.most_common():
         print(f"  {kind:9s} {key:22s} {n:3d}   e.g. {'; '.join(samples[(kind, key)][:3])}")
+    for r in (r for r in rows if r["invalid"]):
+        print(f"  invalid call ({r['invalid'][0]}) {r['record_id']}: {r['invalid'][1]}")
     save("errors", {"args": vars(args), "right": right, "n": len(rows), "rows": rows,
                     "counts": [[kind, key, n] for (kind, key), n in kinds.most_common()]})
 

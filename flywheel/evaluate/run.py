@@ -36,14 +36,19 @@ SYSTEMS = ("teacher", "base", "base_in_context", "production", "candidate", "can
 def valid_call(answer: dict, tools: list[dict]) -> bool:
     """The answer is plain text, or tool calls that parsed, of declared tools, with schema-valid arguments.
     `answer`: OpenAI-shaped (a student's, from `parse_answer`) or MESSAGE-shaped (the teacher's)."""
-    from flywheel.checks import call_problem
+    return call_problem_of(answer, tools) is None
+
+
+def call_problem_of(answer: dict, tools: list[dict]) -> tuple[str, str] | None:
+    """(reason code, detail) when `answer` (as `valid_call` takes it) is not a valid call, else None."""
+    from flywheel.checks import R_UNPARSED, call_problem
 
     if answer.get("valid") is False:  # it tried to call a tool and the call did not parse
-        return False
+        return R_UNPARSED, f"a tool call that did not parse: {(answer.get('content') or '')[:120]!r}"
     calls = [tc.get("function", tc) for tc in answer.get("tool_calls") or []]
     response = {"content": answer.get("content"),
                 "tool_calls": [{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls]}
-    return call_problem(json.dumps(tools), response) is None
+    return call_problem(json.dumps(tools), response)
 
 
 def system_row(task: str, expected: list[dict], answers: list[dict], tools: list[list[dict]], cfg: EvaluateConfig,
