@@ -275,3 +275,25 @@ def test_cap_is_label_balanced_and_deterministic():
     F.cap_examples(again, 20, seed=0)
     assert [r["record_id"] for r in again if r["reason"] is None] == [r["record_id"] for r in kept]
     assert F.cap_examples(make(), 0, seed=0) == 0
+
+
+def test_evaluation_reads_a_students_parsed_answer_with_the_same_checks():
+    """`valid_call` / `call_problem_of` take `parse_answer`'s OpenAI shape; a call cut short by the token cap (an
+    open `<tool_call>`, what a grammar-constrained answer looping inside a string leaves) is unparsed, not valid."""
+    from flywheel.evaluate.run import call_problem_of, valid_call
+    from flywheel.prompts import parse_answer
+
+    tools = [{"type": "function", "function": {"name": "BookTable", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    cases = [
+        ('<tool_call>{"name": "BookTable", "arguments": {"city": "Fresno"}}</tool_call>', None),
+        ("Which city?", None),
+        ('<tool_call>{"name": "BookTable", "arguments": {"city": "Cambodominadominadomina', "unparsed_tool_call"),
+        ('<tool_call>{"name": "Other", "arguments": {}}</tool_call>', "unknown_tool"),
+        ('<tool_call>{"name": "BookTable", "arguments": {}}</tool_call>', "tool_schema_violation"),
+    ]
+    for text, code in cases:
+        answer = parse_answer(text)
+        problem = call_problem_of(answer, tools)
+        assert (problem and problem[0]) == code, (text, problem)
+        assert valid_call(answer, tools) is (code is None)
