@@ -111,8 +111,13 @@ def _value_pool(examples: list[dict]) -> dict[tuple[str, str], list[str]]:
     return {k: sorted(v) for k, v in pool.items()}
 
 
+def _whole(value: str) -> str:
+    """A regex matching `value` as whole words (not inside a longer word)."""
+    return rf"(?<!\w){re.escape(value)}(?!\w)"
+
+
 def _stated(value: str) -> re.Pattern:
-    return re.compile(rf"(?<!\w){re.escape(value)}(?!\w)", re.IGNORECASE)
+    return re.compile(_whole(value), re.IGNORECASE)
 
 
 def _swapped(example: dict, pool: dict, rng: random.Random, copy: int) -> dict | None:
@@ -130,8 +135,7 @@ def _swapped(example: dict, pool: dict, rng: random.Random, copy: int) -> dict |
                 mapping[value.lower()] = rng.choice(others)
     if not mapping:
         return None
-    pattern = re.compile("|".join(rf"(?<!\w){re.escape(v)}(?!\w)" for v in sorted(mapping, key=len, reverse=True)),
-                         re.IGNORECASE)
+    pattern = re.compile("|".join(_whole(v) for v in sorted(mapping, key=len, reverse=True)), re.IGNORECASE)
 
     def swap(text: str | None) -> str | None:
         return text if text is None else pattern.sub(lambda m: mapping.get(m.group(0).lower(), m.group(0)), text)
