@@ -2,9 +2,10 @@
 
     flock /tmp/flywheel-heavy.lock .venv/bin/python bench/errors.py --home HOME --agent sgd_Flights --version v1
 
-Reads an agent's TEST split from a Flywheel home (for instance one `bench/distill.py --home` kept), decodes every
-example with the registered adapter under its tool-call grammar (`tool_choice: auto`, as `candidate_constrained`
-in `flywheel evaluate`), and compares each call with the teacher's the way `name_args_accuracy` does
+Reads an agent's TEST split (`--split validation`: its validation split, where a decoding lever is chosen before
+test sees it) from a Flywheel home (for instance one `bench/distill.py --home` kept), decodes every example with
+the registered adapter under its tool-call grammar (`tool_choice: auto`, as `candidate_constrained` in `flywheel
+evaluate`; `--demos K`: with its K nearest TRAIN examples in the prompt, as `base_in_context` builds them), and compares each call with the teacher's the way `name_args_accuracy` does
 (`flywheel.metrics.canonical_args`: declared types, case and whitespace ignored, an optional argument
 equal to its declared default the same as leaving it out). Printed: how many answers are right, and per argument
 name how often the student left out a value the teacher gave (`omitted`), gave one the teacher did not (`added`),
@@ -61,37 +62,52 @@ def differences(expected: dict, answer: dict, tools: list[dict]) -> list[tuple[s
     return out
 
 
+def _prompts(store, args, version: str, examples: list[dict], engine, fmt: str) -> list[list[dict]]:
+    """Each example's prompt as the adapter reads it; with `--demos K` its K nearest train examples fitted in
+    (the evaluation's in-context prompts: `max_history` 10, 2,048 prompt tokens)."""
+    from flywheel.datasets import TRAIN, open_split
+    from flywheel.evaluate.in_context import fit_prompt, select_demos
+    from flywheel.prompts import prompt_turns
+
+    if not args.demos:
+        return [prompt_turns(e, 10, fmt) for e in examples]
+    demos = select_demos(examples, open_split(store, args.agent, version, TRAIN).rows(), args.demos)
+    return [fit_prompt(e, d, 10, 2048, lambda turns: len(engine.encode(turns)), fmt) for e, d in zip(examples, demos)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", required=True)
     ap.add_argument("--agent", required=True)
     ap.add_argument("--version", default="latest", help="the adapter's registry version")
-    ap.add_argument("--examples", type=int, default=0, help="the first N test examples (0: all)")
+    ap.add_argument("--split", default="test", choices=("test", "validation"))
+    ap.add_argument("--examples", type=int, default=0, help="the first N examples (0: all)")
+    ap.add_argument("--demos", type=int, default=0, help="K nearest train examples in each prompt (0: none)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--base-model", default="")
     args = ap.parse_args()
 
     from flywheel.config import default_student_path
-    from flywheel.datasets import TEST, open_split, resolve_version
+    from flywheel.datasets import open_split, resolve_version
     from flywheel.evaluate.run import call_problem_of, tool_format
     from flywheel.inference.answers import generate_answers
     from flywheel.inference.engine import HFEngine
     from flywheel.inference.grammar import constraint_for
-    from flywheel.prompts import prompt_turns
     from flywheel.registry.registry import Registry
     from flywheel.storage import Store
 
     store = Store(args.home)
     registry = Registry(store)
     entry = registry.get(args.agent, args.version)
-    examples = open_split(store, args.agent, resolve_version(store, args.agent), TEST).rows()
+    version = resolve_version(store, args.agent)
+    examples = open_split(store, args.agent, version, args.split).rows()
     examples = examples[:args.examples] if args.examples else examples
     tools = [json.loads(e.get("tools_json") or "[]") for e in examples]
     engine = HFEngine(args.base_model or default_student_path())
     name = f"{args.agent}@{entry['version']}"
     engine.load_adapter(name, registry.adapter_path(entry))
-    prompts = [prompt_turns(e, 10, tool_format(entry)) for e in examples]
+    prompts = _prompts(store, args, version, examples, engine, tool_format(entry))
     run = generate_answers(engine, prompts, name, args.batch_size, args.max_new_tokens,
                            constraints=[constraint_for(t, "auto", None) if t else None for t in tools])
     kinds, samples, rows = Counter(), defaultdict(list), []
@@ -104,7 +120,8 @@ def main() -> None:
             kinds[(kind, key)] += 1
             samples[(kind, key)].append(text)
     right = sum(r["right"] for r in rows)
-    print(f"{args.agent}@{entry['version']}: {right}/{len(rows)} answers right (name + arguments, constrained)")
+    print(f"{args.agent}@{entry['version']}: {right}/{len(rows)} {args.split} answers right (name + arguments, "
+          f"constrained{f', {args.demos} demos' if args.demos else ''})")
     for (kind, key), n in kinds.most_common():
         print(f"  {kind:9s} {key:22s} {n:3d}   e.g. {'; '.join(samples[(kind, key)][:3])}")
     for r in (r for r in rows if r["invalid"]):
