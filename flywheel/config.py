@@ -345,7 +345,7 @@ class EvaluateConfig:
     seed: int = 0
     # the in-context baseline: base student + k nearest train examples (0: skip it)
     in_context_k: int = 3
-    constrained: bool = True  # also score the candidate decoded under each example's tool-call grammar
+    constrained: bool = True  # score the candidate under each example's tool-call grammar, and gate that row
     embedding_model: str = ""  # a local sentence-transformers folder; empty: the bundled all-MiniLM-L6-v2
     max_prompt_tokens: int = 2048  # in-context prompts are trimmed to fit
     # cost per 1k requests (illustrative defaults: set your own prices)

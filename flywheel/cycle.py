@@ -36,7 +36,7 @@ def turn(store: Store, agents: tuple[str, ...], base_model: str, distill: dict |
         report = score(EvaluateConfig(agent=agent, home=store.uri, base_model=base_model,
                                       adapter_version=trained["version"], promote=True, **(evaluate or {})), store)
         out[agent] = {"dataset": datasets[agent], "train": trained,
-                      "gate": report["gate"], "promoted": report["promoted"], "candidate": report["candidate"]}
+                      "gate": report["gate"], "promoted": report["promoted"], "candidate": report[report["gated"]]}
     return out
 
 

@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from flywheel.config import EvaluateConfig
 from flywheel.evaluate.gate import decide
 from flywheel.metrics import bootstrap_ci, confidence_intervals, per_example, score, score_tool_call
 from flywheel.schema import message
@@ -163,6 +164,30 @@ def test_gate_passes_within_productions_interval_or_the_tolerance():
     assert decide(better_prod, 0.9, 10, max_regression=0.02)["passed"]
     v = decide(GOOD, 0.9, 10)
     assert v["candidate_lower"] == pytest.approx(0.936, abs=1e-3) and v["threshold"] == 0.9
+
+
+def test_gate_reads_the_row_it_is_told_to_read():
+    """`flywheel evaluate` gates the candidate as Serve decodes it: the free row's scores do not count."""
+    served = {**GOOD, "candidate": system(0.5, (0.3, 0.7)), "candidate_constrained": system()}
+    verdict = decide(served, 0.9, 10, candidate="candidate_constrained")
+    assert verdict["passed"] and verdict["system"] == "candidate_constrained" and verdict["candidate"] == 0.97
+    assert not decide(served, 0.9, 10)["passed"]  # the free row alone would fail
+    missing = decide(GOOD, 0.9, 10, candidate="candidate_constrained")
+    assert not missing["passed"] and "candidate_constrained results are missing" in missing["reasons"]
+
+
+def test_production_and_the_gated_candidate_decode_under_the_grammars():
+    from flywheel.evaluate.run import _systems
+
+    grammars = [{"type": "auto_tools", "tools": []}, None]
+    prompts = {"base": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]}
+    production, candidate = {"version": "v1"}, {"version": "v2"}
+    decoded = {name: (entry, g) for name, _, entry, g in
+               _systems(EvaluateConfig(agent="a"), [], None, prompts, production, candidate, grammars)}
+    assert decoded == {"base": (None, None), "production": (production, grammars), "candidate": (candidate, None),
+                       "candidate_constrained": (candidate, grammars)}
+    free = _systems(EvaluateConfig(agent="a"), [], None, prompts, production, candidate, None)
+    assert [(name, g) for name, _, _, g in free] == [("base", None), ("production", None), ("candidate", None)]
 
 
 # --- the in-context baseline with the real MiniLM ---------------------------------------------------------

@@ -15,6 +15,8 @@ A candidate passes only when every rule holds (`m` is the task's primary metric,
    `[lo, hi]` with `lo <= hi`.
 
 Anything else fails, with the reasons listed. The gate never raises on bad input: a broken report is a "no".
+The candidate is whichever row the caller names: `flywheel evaluate` gates the candidate decoded as Serve decodes
+it (under each request's tool-call grammar), and scores production the same way.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ def _whole(name: str, n: Any, expected: Any, min_examples: int, reasons: list[st
         reasons.append(f"partial results: {name} scored {n} of {expected!r} test examples")
 
 
-def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, max_regression: float = 0.0) -> dict:
-    """`report` = {"task", "n_expected", "candidate", "teacher", "production" (absent or None: no production)};
-    each system is {<metric>: x, "<metric>_ci": [lo, hi], "n": k}. Returns {"passed", "reasons", ...figures}."""
+def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, max_regression: float = 0.0,
+           candidate: str = "candidate") -> dict:
+    """`report` = {"task", "n_expected", `candidate`, "teacher", "production" (absent or None: no production)};
+    each system is {<metric>: x, "<metric>_ci": [lo, hi], "n": k}. `candidate` names the row to gate: the
+    candidate decoded as Serve will decode it. Returns {"passed", "reasons", "system", ...figures}."""
     if not isinstance(report, dict):
         return {"passed": False, "reasons": ["no evaluation report"]}
     metric = PRIMARY.get(report.get("task"))
@@ -74,9 +78,9 @@ def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, 
         return {"passed": False, "reasons": [f"unknown task {report.get('task')!r}"]}
     reasons: list[str] = []
     expected = report.get("n_expected")
-    c, c_ci, n = _system(report, "candidate", metric, reasons)
+    c, c_ci, n = _system(report, candidate, metric, reasons)
     t, _, t_n = _system(report, "teacher", metric, reasons)
-    _whole("candidate", n, expected, min_examples, reasons)
+    _whole(candidate, n, expected, min_examples, reasons)
     if isinstance(report.get("teacher"), dict):
         _whole("teacher", t_n, expected, min_examples, reasons)
     lower = lower_bound(metric, c, c_ci, n) if c is not None and c_ci and isinstance(n, int) else None
@@ -93,6 +97,6 @@ def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, 
         elif c is not None and c < p_ci[0] - max_regression:
             reasons.append(f"candidate {metric} {c:.3f} regresses production (point {p:.3f}, lower bound "
                            f"{p_ci[0]:.3f}, max_regression {max_regression:.3f})")
-    return {"passed": not reasons, "metric": metric, "candidate": c, "candidate_ci": list(c_ci) if c_ci else None,
+    return {"passed": not reasons, "metric": metric, "system": candidate, "candidate": c, "candidate_ci": list(c_ci) if c_ci else None,
             "candidate_lower": lower, "teacher": t, "threshold": threshold, "production": p,
             "production_lower": p_ci[0] if p_ci else None, "max_regression": max_regression, "reasons": reasons}

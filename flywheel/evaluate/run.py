@@ -9,11 +9,13 @@ k nearest TRAIN examples in context (`in_context.py`; demonstrations never come 
 current production adapter (if any), the candidate, and `candidate_constrained`: the candidate decoded under each
 example's tool-call grammar (`flywheel.inference.grammar.constraint_for(tools, "auto", None)`; an example that
 declares no tools, or a grammar that leaves the answer free, decodes as the candidate does, and when no example
-has a grammar the candidate's answers are reused). The validation split is never read here: it is what the
-sweep and early stopping selected on. Each system gets every metric of the task with a percentile-bootstrap 95%
+has a grammar the candidate's answers are reused). Serve decodes every request that declares tools under that
+grammar, so the gate reads `candidate_constrained` (the candidate as it will be served) and production is decoded
+the same way; with `constrained: false` both decode free and the gate reads `candidate`. The validation split is
+never read here: it is what the sweep and early stopping selected on. Each system gets every metric of the task with a percentile-bootstrap 95%
 interval (`<metric>_ci`), `valid_call` (the share of answers that are plain text or parseable calls of declared
 tools with schema-valid arguments), p50/p95 latency and measured cost per 1k requests (`costs.py`); free-text
-agents optionally get an LLM judge's 1-5 score (`judge.py`). The gate reads the candidate. The report is
+agents optionally get an LLM judge's 1-5 score (`judge.py`). The report names the gated row (`gated`). It is
 written as JSON and markdown to `reports/<agent>/<version>/`, the scores go into the registry, and with
 `--promote` a candidate that passes the gate (`gate.py`) becomes `production` by compare-and-swap and the agent
 is routed to it.
@@ -192,6 +194,21 @@ def _constraints(tools: list[list[dict]]) -> list[dict | None]:
     return [constraint_for(t, "auto", None) if t else None for t in tools]
 
 
+def _systems(cfg: EvaluateConfig, examples: list[dict], engine, prompts: dict[str, list], production: dict | None,
+             candidate: dict, grammars: list[dict | None] | None) -> list[tuple]:
+    """(name, prompts, registry entry or None, grammars or None) of each system to decode. Production and
+    `candidate_constrained` decode under `grammars`, as Serve decodes every request that declares tools."""
+    systems: list[tuple] = [(name, p, None, None) for name, p in prompts.items()]
+    if production is not None and production["version"] != candidate["version"]:
+        own = prompts["base"] if tool_format(production) == tool_format(candidate) else \
+            _prompts(cfg, examples, [], engine, tool_format(production))["base"]  # asked as it was taught
+        systems.append(("production", own, production, grammars))
+    systems.append(("candidate", prompts["base"], candidate, None))
+    if grammars is not None:
+        systems.append(("candidate_constrained", prompts["base"], candidate, grammars))
+    return systems
+
+
 def _run_systems(cfg: EvaluateConfig, store: Store, registry, engine, systems: list, task: str,
                  expected: list[dict], tools: list[list[dict]], examples: list[dict], bar) -> tuple[dict, dict]:
     """Generate and score every system: (rows by system, the first answers of each)."""
@@ -226,15 +243,9 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
     production = registry.alias(cfg.agent)
     engine = engine or HFEngine(cfg.base_model)
     prompts = _prompts(cfg, examples, train, engine, tool_format(candidate))
-    systems: list[tuple] = [(name, p, None, None) for name, p in prompts.items()]
-    if production is not None and production["version"] != candidate["version"]:
-        own = prompts["base"] if tool_format(production) == tool_format(candidate) else \
-            _prompts(cfg, examples, [], engine, tool_format(production))["base"]  # asked as it was taught
-        systems.append(("production", own, production, None))
-    systems.append(("candidate", prompts["base"], candidate, None))
     constraints = _constraints(tools) if cfg.constrained else []
-    if any(c is not None for c in constraints):
-        systems.append(("candidate_constrained", prompts["base"], candidate, constraints))
+    grammars = constraints if any(c is not None for c in constraints) else None  # None: every answer is free
+    systems = _systems(cfg, examples, engine, prompts, production, candidate, grammars)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -243,13 +254,14 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
     rows, samples = _run_systems(cfg, store, registry, engine, systems, task, expected, tools, examples, bar)
     if bar is not None:
         bar.close()
-    if production is not None and production["version"] == candidate["version"]:
-        rows["production"] = rows["candidate"]
+    gated = "candidate_constrained" if cfg.constrained else "candidate"  # the candidate as Serve decodes it
     if cfg.constrained and "candidate_constrained" not in rows:  # no example has a grammar: the same decoding
         rows["candidate_constrained"], samples["candidate_constrained"] = rows["candidate"], samples["candidate"]
+    if production is not None and production["version"] == candidate["version"]:
+        rows["production"] = rows[gated]
     report = {"agent": cfg.agent, "task": task, "metric": PRIMARY[task], "metrics": list(METRICS[task]),
               "dataset_version": test.version, "split": test.name, "legacy_dataset": test.legacy,
-              "candidate_version": candidate["version"], "tool_format": tool_format(candidate),
+              "candidate_version": candidate["version"], "gated": gated, "tool_format": tool_format(candidate),
               "base_model": cfg.base_model, "production_version": production["version"] if production else None,
               "n_expected": n_expected, **rows, "systems": [s for s in SYSTEMS if s in rows],
               "in_context": {"k": cfg.in_context_k if "base_in_context" in rows else 0, "pool": len(train),
@@ -273,7 +285,8 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
     from flywheel.evaluate.gate import decide
     from flywheel.routing import STUDENT, set_route
 
-    report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression)
+    report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression,
+                            report["gated"])
     report["promoted"] = False
     refused = not_servable(candidate)
     if cfg.promote and report["gate"]["passed"] and refused:
@@ -286,7 +299,7 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
         set_route(store, cfg.agent, STUDENT, reason=f"promoted {candidate['version']}")
         report["promoted"] = True
     registry.record_scores(cfg.agent, candidate["version"],
-                           dict(report["candidate"]) | {"gate": report["gate"]["passed"]})
+                           dict(report[report["gated"]]) | {"gate": report["gate"]["passed"]})
     prefix = f"reports/{cfg.agent}/{candidate['version']}"
     store.write_json(f"{prefix}/eval.json", report)
     text = markdown(report)
@@ -330,7 +343,7 @@ def markdown(report: dict) -> str:
         cost = report["cost"]["teacher_per_1k_usd"] if name == "teacher" else r.get("cost_per_1k_usd")
         cells += [_fmt(r.get("latency_p50_s")), _fmt(r.get("latency_p95_s")), _money(cost)]
         body += f"| {name} | " + " | ".join(cells) + " |\n"
-    gate, cost = report["gate"], report["cost"]
+    gate, cost, gated = report["gate"], report["cost"], report.get("gated", "candidate")
     verdict = "PASSED" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
     ratio = cost.get("teacher_over_student")
     split = f"its {report.get('split', 'test')} split" + (" (a train/eval version: its eval file)"
@@ -348,6 +361,6 @@ def markdown(report: dict) -> str:
             f"teacher {_money(cost['teacher_per_1k_usd'])} ({cost['teacher_basis']}; token counts "
             f"{cost['teacher_token_counts']}); the teacher costs "
             f"{'-' if ratio is None else f'{ratio:.1f}x'} the student.\n\n"
-            f"Gate ({gate.get('metric')}: candidate lower bound >= share x teacher, no regression of production): "
-            f"{verdict}\n\nPromoted: {report['promoted']}\n\n"
-            f"Sample candidate answers:\n\n```json\n{json.dumps(report['samples'].get('candidate'), indent=1)}\n```\n")
+            f"Gate ({gate.get('metric')} of `{gated}`, the candidate as Serve decodes it: lower bound >= share x "
+            f"teacher, no regression of production): {verdict}\n\nPromoted: {report['promoted']}\n\n"
+            f"Sample `{gated}` answers:\n\n```json\n{json.dumps(report['samples'].get(gated), indent=1)}\n```\n")

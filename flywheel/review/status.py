@@ -92,7 +92,8 @@ def production_scores(store: Store, agent: str, entry: dict | None) -> tuple[dic
         report = None
     report = report if isinstance(report, dict) else None
     scores = entry.get("scores") if isinstance(entry.get("scores"), dict) else {}
-    candidate = report.get("candidate") if report and isinstance(report.get("candidate"), dict) else scores
+    gated = report.get(report.get("gated", "candidate")) if report else None  # the row the gate read
+    candidate = gated if isinstance(gated, dict) else scores
     metric = _metric(scores, report)
     teacher = report.get("teacher") if report and isinstance(report.get("teacher"), dict) else {}
     value, t_value = _number(candidate.get(metric)), _number(teacher.get(metric)) if metric else None
