@@ -5,7 +5,8 @@
 Reads an agent's TEST split (`--split validation`: its validation split, where a decoding lever is chosen before
 test sees it) from a Flywheel home (for instance one `bench/distill.py --home` kept), decodes every example with
 the registered adapter under its tool-call grammar (`tool_choice: auto`, as `candidate_constrained` in `flywheel
-evaluate`; `--demos K`: with its K nearest TRAIN examples in the prompt, as `base_in_context` builds them), and compares each call with the teacher's the way `name_args_accuracy` does
+evaluate`; `--demos K`: with its K nearest TRAIN examples in the prompt, as `base_in_context` builds them), and
+compares each call with the teacher's the way `name_args_accuracy` does
 (`flywheel.metrics.canonical_args`: declared types, case and whitespace ignored, an optional argument
 equal to its declared default the same as leaving it out). Printed: how many answers are right, and per argument
 name how often the student left out a value the teacher gave (`omitted`), gave one the teacher did not (`added`),
@@ -62,19 +63,6 @@ def differences(expected: dict, answer: dict, tools: list[dict]) -> list[tuple[s
     return out
 
 
-def _prompts(store, args, version: str, examples: list[dict], engine, fmt: str) -> list[list[dict]]:
-    """Each example's prompt as the adapter reads it; with `--demos K` its K nearest train examples fitted in
-    (the evaluation's in-context prompts: `max_history` 10, 2,048 prompt tokens)."""
-    from flywheel.datasets import TRAIN, open_split
-    from flywheel.evaluate.in_context import fit_prompt, select_demos
-    from flywheel.prompts import prompt_turns
-
-    if not args.demos:
-        return [prompt_turns(e, 10, fmt) for e in examples]
-    demos = select_demos(examples, open_split(store, args.agent, version, TRAIN).rows(), args.demos)
-    return [fit_prompt(e, d, 10, 2048, lambda turns: len(engine.encode(turns)), fmt) for e, d in zip(examples, demos)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", required=True)
@@ -88,12 +76,11 @@ def main() -> None:
     ap.add_argument("--base-model", default="")
     args = ap.parse_args()
 
-    from flywheel.config import default_student_path
-    from flywheel.datasets import open_split, resolve_version
-    from flywheel.evaluate.run import call_problem_of, tool_format
+    from flywheel.config import EvaluateConfig, default_student_path
+    from flywheel.datasets import TRAIN, open_split, resolve_version
+    from flywheel.evaluate.run import _constraints, _prompts, call_problem_of, tool_format
     from flywheel.inference.answers import generate_answers
     from flywheel.inference.engine import HFEngine
-    from flywheel.inference.grammar import constraint_for
     from flywheel.registry.registry import Registry
     from flywheel.storage import Store
 
@@ -107,9 +94,12 @@ def main() -> None:
     engine = HFEngine(args.base_model or default_student_path())
     name = f"{args.agent}@{entry['version']}"
     engine.load_adapter(name, registry.adapter_path(entry))
-    prompts = _prompts(store, args, version, examples, engine, tool_format(entry))
-    run = generate_answers(engine, prompts, name, args.batch_size, args.max_new_tokens,
-                           constraints=[constraint_for(t, "auto", None) if t else None for t in tools])
+    # the evaluation's prompts: its defaults (10 history turns; demos fitted into 2,048 prompt tokens)
+    cfg = EvaluateConfig(agent=args.agent, in_context_k=args.demos)
+    train = open_split(store, args.agent, version, TRAIN).rows() if args.demos else []
+    prompts = _prompts(cfg, examples, train, engine, tool_format(entry))
+    run = generate_answers(engine, prompts["base_in_context" if args.demos else "base"], name, args.batch_size,
+                           args.max_new_tokens, constraints=_constraints(tools))
     kinds, samples, rows = Counter(), defaultdict(list), []
     for e, answer, t in zip(examples, run["answers"], tools):
         diff = differences(e["target"], answer, t)

@@ -111,7 +111,8 @@ def test_evaluate_scores_gates_and_refuses_to_promote_a_bad_student(curated, sto
     # gated as Serve decodes it: under each request's grammar; those are the scores the registry keeps
     assert rep["gated"] == rep["gate"]["system"] == "candidate_constrained"
     assert rep["gate"]["candidate"] == rep["candidate_constrained"]["function_name_accuracy"]
-    assert Registry(store).get("sgd_Flights", "v1")["scores"]["valid_call"] == rep["candidate_constrained"]["valid_call"]
+    kept = Registry(store).get("sgd_Flights", "v1")["scores"]
+    assert kept["valid_call"] == rep["candidate_constrained"]["valid_call"]
     # side by side, each metric with its bootstrap interval; latency and measured cost
     assert rep["systems"] == ["teacher", "base", "base_in_context", "candidate", "candidate_constrained"]
     assert rep["in_context"]["k"] == 3 and rep["in_context"]["pool"] == curated["counts"]["train"]

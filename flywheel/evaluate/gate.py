@@ -97,6 +97,7 @@ def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, 
         elif c is not None and c < p_ci[0] - max_regression:
             reasons.append(f"candidate {metric} {c:.3f} regresses production (point {p:.3f}, lower bound "
                            f"{p_ci[0]:.3f}, max_regression {max_regression:.3f})")
-    return {"passed": not reasons, "metric": metric, "system": candidate, "candidate": c, "candidate_ci": list(c_ci) if c_ci else None,
-            "candidate_lower": lower, "teacher": t, "threshold": threshold, "production": p,
-            "production_lower": p_ci[0] if p_ci else None, "max_regression": max_regression, "reasons": reasons}
+    return {"passed": not reasons, "metric": metric, "system": candidate, "candidate": c,
+            "candidate_ci": list(c_ci) if c_ci else None, "candidate_lower": lower, "teacher": t,
+            "threshold": threshold, "production": p, "production_lower": p_ci[0] if p_ci else None,
+            "max_regression": max_regression, "reasons": reasons}

@@ -12,10 +12,11 @@ declares no tools, or a grammar that leaves the answer free, decodes as the cand
 has a grammar the candidate's answers are reused). Serve decodes every request that declares tools under that
 grammar, so the gate reads `candidate_constrained` (the candidate as it will be served) and production is decoded
 the same way; with `constrained: false` both decode free and the gate reads `candidate`. The validation split is
-never read here: it is what the sweep and early stopping selected on. Each system gets every metric of the task with a percentile-bootstrap 95%
-interval (`<metric>_ci`), `valid_call` (the share of answers that are plain text or parseable calls of declared
-tools with schema-valid arguments), p50/p95 latency and measured cost per 1k requests (`costs.py`); free-text
-agents optionally get an LLM judge's 1-5 score (`judge.py`). The report names the gated row (`gated`). It is
+never read here: it is what the sweep and early stopping selected on. Each system gets every metric of the task
+with a percentile-bootstrap 95% interval (`<metric>_ci`), `valid_call` (the share of answers that are plain text
+or parseable calls of declared tools with schema-valid arguments), p50/p95 latency and measured cost per 1k
+requests (`costs.py`); free-text agents optionally get an LLM judge's 1-5 score (`judge.py`). The report names
+the gated row (`gated`). It is
 written as JSON and markdown to `reports/<agent>/<version>/`, the scores go into the registry, and with
 `--promote` a candidate that passes the gate (`gate.py`) becomes `production` by compare-and-swap and the agent
 is routed to it.
