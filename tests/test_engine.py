@@ -276,3 +276,55 @@ def test_remote_adapters_are_copied_to_the_node_once(tiny_model, adapters, tmp_p
     local.upload(adapters["a"], "adapters/x/v1")
     assert AdapterCache(local, str(tmp_path / "unused")).path({"adapter": "adapters/x/v1"}) == \
         local.path("adapters/x/v1")  # a local home is read in place
+
+
+# -- log-probabilities -------------------------------------------------------------------------------------------
+def _forced_logprobs(model_path: str, adapter: str | None, prompt_ids: list[int], answer: list[int]) -> list[float]:
+    """Each answer token's log-probability from one teacher-forced forward pass of PEFT's model (no cache)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.inference_mode():
+        logits = model.eval()(torch.tensor([prompt_ids + answer])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+    return [float(logprobs[i, t]) for i, t in enumerate(answer)]
+
+
+def test_logprobs_in_a_mixed_batch_equal_a_forward_pass(tiny_model, adapters):
+    engine = engine_with(tiny_model, adapters)
+    names = ["a", None, "b"]
+    rows = [Row(PROMPTS[i], n, Sampling(12, top_logprobs=3)) for i, n in enumerate(names)]
+    gens = engine.run_batch(rows)
+    for i, (gen, name) in enumerate(zip(gens, names)):
+        assert len(gen.tokens) == len(gen.logprobs) == len(gen.token_ends) == gen.completion_tokens > 0
+        expected = _forced_logprobs(tiny_model, adapters[name] if name else None, engine.encode(PROMPTS[i]),
+                                    list(gen.tokens))
+        assert max(abs(a - b) for a, b in zip(gen.logprobs, expected)) < 1e-4, (gen.logprobs, expected)
+        assert gen.token_ends[-1] == len(gen.text)
+        for token, logprob, top in zip(gen.tokens, gen.logprobs, gen.top_logprobs):
+            assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-6  # greedy = most likely
+            assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_logprobs_are_taken_after_the_grammar_mask(tiny_model, adapters):
+    pytest.importorskip("xgrammar")
+    from flywheel.inference.confidence import answer_confidence
+
+    engine = engine_with(tiny_model, adapters)
+    tool = {"name": "PickCity", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["SF", "NYC"]}}, "required": ["city"]}}
+    gen = engine.generate(PROMPTS[:1], ["b"], max_new_tokens=48,
+                          constraints=[{"type": "tool_calls", "tools": [tool], "parallel": False}])[0]
+    assert gen.finish_reason == "stop", gen
+    # After the mask, each token's probability is renormalised over what the grammar allows: never below the raw
+    # model's, and ~1 where the grammar leaves one token (the random model alone would rarely write it).
+    raw = _forced_logprobs(tiny_model, adapters["b"], engine.encode(PROMPTS[0]), list(gen.tokens))
+    assert all(post >= r - 1e-4 for post, r in zip(gen.logprobs, raw))
+    assert sum(post > -1e-4 and r < -0.5 for post, r in zip(gen.logprobs, raw)) >= 5
+    conf = answer_confidence(gen.text, gen.token_ends, gen.logprobs)
+    assert set(conf["arguments"]) == {"city"} and 0 < conf["arguments"]["city"] <= 1
+    assert conf["aggregates"]["product"] <= conf["aggregates"]["min"] <= 1

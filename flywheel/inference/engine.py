@@ -43,10 +43,21 @@ __all__ = ["AdapterFormatError", "Engine", "Generation", "HFEngine", "Row", "Sam
 
 @dataclass(frozen=True)
 class Generation:
+    """One row's answer. `tokens` are its token ids (EOS left out), `logprobs` each one's log-probability under the
+    distribution it was chosen from (after the grammar mask, at temperature 1: a token the grammar forces has
+    log-probability 0), `token_ends` where each token's text ends in the decoded answer (`text` may be cut shorter
+    by a stop string), `top_logprobs` the row's `Sampling.top_logprobs` most likely (token id, log-probability)
+    pairs at each position (empty when not asked). The log-probabilities take no part in equality: two batches of
+    different shapes round them differently."""
+
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = STOP
+    tokens: tuple[int, ...] = field(default=(), compare=False)
+    logprobs: tuple[float, ...] = field(default=(), compare=False)
+    token_ends: tuple[int, ...] = field(default=(), compare=False)
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,8 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # the caller wants the tokens' log-probabilities (each row keeps them anyway)
+    top_logprobs: int = 0  # this many alternatives (token id, log-probability) per position, as OpenAI's
 
 
 @dataclass
@@ -401,30 +414,34 @@ class _DecodeLoop:
         return out.logits[:, -1].float()
 
     def _advance(self, lives: list[_Live], logits: Any) -> None:
-        """Each row's next token from its logits row (grammar, then sampling or greedy), streamed; ended rows
-        leave the batch."""
+        """Each row's next token from its logits row (grammar, then sampling or greedy) with its log-probability
+        under what it was chosen from, streamed; ended rows leave the batch."""
+        import torch
+
         greedy = logits.argmax(-1).tolist()
         for i, live in enumerate(lives):
-            token = greedy[i]
+            token, scores = greedy[i], logits[i]
             if live.grammar is not None or live.generator is not None:
-                token = self._choose(live, logits[i: i + 1])
+                token, scores = self._choose(live, logits[i: i + 1])
             live.pending = token
             if token == self.tokenizer.eos_token_id:
                 live.text.close(STOP)
             else:
-                live.text.add(token)
+                logprobs = torch.log_softmax(scores.float(), dim=-1)
+                live.text.add(token, float(logprobs[token]), _top(logprobs, live.row.sampling.top_logprobs))
             if live.text.finish is None and live.row.cancelled.is_set():
                 live.text.close(CANCELLED)
         self._leave()
 
-    def _choose(self, live: _Live, scores: Any) -> int:
+    def _choose(self, live: _Live, scores: Any) -> tuple[int, Any]:
+        """(token, the scores row it was chosen from: masked by the row's grammar where it has one)."""
         import torch
 
         if live.grammar is not None:  # it reads the row's previous token (ignored on its first call)
             scores = live.grammar(torch.tensor([[live.pending]]), scores)
         if live.generator is None:
-            return int(scores[0].argmax())
-        return _sample(scores[0], live.row.sampling, live.generator)
+            return int(scores[0].argmax()), scores[0]
+        return _sample(scores[0], live.row.sampling, live.generator), scores[0]
 
     # -- rows leaving --------------------------------------------------------------------------------------------
     def _leave(self) -> None:
@@ -479,6 +496,13 @@ def _left_pad(t: Any, length: int) -> Any:
     return F.pad(t, (0, 0, length - t.shape[-2], 0)) if t.shape[-2] < length else t
 
 
+def _top(logprobs: Any, k: int) -> tuple[tuple[int, float], ...]:
+    if k <= 0:
+        return ()
+    values, ids = logprobs.topk(k)
+    return tuple(zip(ids.tolist(), values.tolist()))
+
+
 def _generator(seed: int | None) -> Any:
     import torch
 
@@ -506,12 +530,18 @@ class _RowText:
     def __init__(self, tokenizer: Any, row: Row):
         self.tokenizer, self.row = tokenizer, row
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.ends: list[int] = []
+        self.top: list[tuple] = []
         self.text, self.sent = "", 0
         self.finish: str | None = None
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, logprob: float = 0.0, top: tuple = ()) -> None:
         self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.top.append(top)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.ends.append(len(text))
         hold = len(text) if text.endswith("\ufffd") else None  # half a multi-byte character: wait for the rest
         stops = self.row.sampling.stop
         for stop in stops:
@@ -542,4 +572,6 @@ class _RowText:
             self.finish = reason
 
     def generation(self, prompt_tokens: int) -> Generation:
-        return Generation(self.text, prompt_tokens, len(self.tokens), self.finish or LENGTH)
+        top = tuple(self.top) if self.row.sampling.top_logprobs > 0 else ()
+        return Generation(self.text, prompt_tokens, len(self.tokens), self.finish or LENGTH, tuple(self.tokens),
+                          tuple(self.logprobs), tuple(self.ends), top)
