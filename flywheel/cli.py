@@ -45,13 +45,24 @@ def _ray_init(log_to_driver: bool = False) -> dict:
 
 
 def run_ingest(cfg: C.IngestConfig) -> dict:
-    from flywheel.capture.store import ingest_file
+    """Ingest each path in turn. A file that cannot be read to its end (`InputError`) stops the run; what was
+    ingested up to there, its own lines before the fault included, travels in the error's `result`."""
+    from flywheel.capture.store import InputError, ingest_file
     from flywheel.storage import Store
 
     store = Store(cfg.home or None)
-    files = [ingest_file(store, p, cfg.agent_id, cfg.tenant, cfg.known_agents, cfg.max_line_bytes)
-             for p in cfg.paths]
-    return {"home": store.uri, "files": files, "accepted": sum(f["accepted"] for f in files),
+    files: list[dict] = []
+    for path in cfg.paths:
+        try:
+            files.append(ingest_file(store, path, cfg.agent_id, cfg.tenant, cfg.known_agents, cfg.max_line_bytes))
+        except InputError as e:
+            e.result = _ingested(store.uri, files + [e.result])
+            raise
+    return _ingested(store.uri, files)
+
+
+def _ingested(home: str, files: list[dict]) -> dict:
+    return {"home": home, "files": files, "accepted": sum(f["accepted"] for f in files),
             "quarantined": sum(f["quarantined"] for f in files)}
 
 
@@ -343,7 +354,10 @@ def check_job_home(cfg: Any, environ: Any = os.environ) -> None:
 def _fail(verb: str, as_json: bool, e: BaseException) -> int:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     if as_json:
-        print(json.dumps({"error": str(msg), "type": type(e).__name__}))
+        from flywheel.capture.reader import InputError
+
+        partial = e.result if isinstance(e, InputError) else None  # an ingest stopped by an unreadable file
+        print(json.dumps({"error": str(msg), "type": type(e).__name__, **({"ingested": partial} if partial else {})}))
     else:
         print(f"flywheel {verb}: {msg}", file=sys.stderr)
     return 2
@@ -366,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = C.load(cls, args.config, **overrides)
             check_job_home(cfg)
             result = fn(cfg)
-    except (C.ConfigError, FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
+    except (C.ConfigError, FileNotFoundError, PermissionError, ValueError, KeyError, ConnectionError) as e:
         return _fail(args.verb, args.json, e)
     except Exception as e:  # registry conflicts and friends: still one line, not a traceback
         from flywheel.registry.registry import RegistryError

@@ -53,7 +53,7 @@ def default_student_path() -> str:
 class IngestConfig:
     """`flywheel ingest`: read external logs (OpenAI JSONL or NVIDIA blueprint records) into the log store."""
 
-    paths: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()  # JSONL log files: local paths or s3:// URIs, plain or gzip (told by its first bytes)
     home: str = ""  # FLYWHEEL_HOME when empty
     tenant: str = "default"
     agent_id: str = ""  # force an agent id when the source has none (OpenAI JSONL)

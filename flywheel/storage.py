@@ -73,16 +73,20 @@ def home_uri(home: str | None = None) -> str:
     return uri.rstrip("/")
 
 
+def endpoint_options(uri: str) -> dict:
+    """fsspec storage options naming `$FLYWHEEL_S3_ENDPOINT` for an `s3://` URI (a non-AWS server); else {}."""
+    endpoint = os.environ.get("FLYWHEEL_S3_ENDPOINT")
+    if uri.startswith("s3://") and endpoint:
+        return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
 class Store:
     """A thin, picklable handle on the home. Paths given to methods are relative to the home."""
 
     def __init__(self, home: str | None = None, storage_options: dict | None = None):
         self.uri = home_uri(home)
-        self.storage_options = storage_options or {}
-        if self.uri.startswith("s3://") and not self.storage_options:
-            endpoint = os.environ.get("FLYWHEEL_S3_ENDPOINT")
-            if endpoint:
-                self.storage_options = {"client_kwargs": {"endpoint_url": endpoint}}
+        self.storage_options = storage_options or endpoint_options(self.uri)
         if self.uri.startswith("s3://"):
             # Ray tasks in other processes write here too: a cached listing would hide their objects.
             self.storage_options = {"use_listings_cache": False, **self.storage_options}

@@ -1,6 +1,8 @@
 """Normalise external agent logs into `schema.LOG_RECORD` rows; anything else is quarantined with a reason.
 
-    flywheel ingest logs.jsonl [more.jsonl ...] --json
+    flywheel ingest logs.jsonl [more.jsonl.gz s3://bucket/logs.jsonl ...] --json
+
+(Reading the files: `flywheel.capture.reader`; writing the rows: `flywheel.capture.store.ingest_file`.)
 
 Accepted line shapes (one JSON object per line):
 - NVIDIA Data Flywheel Blueprint records: `request` (OpenAI chat request), `response` (a chat completion, or a

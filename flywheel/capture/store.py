@@ -30,10 +30,12 @@ there before returning. That rare case can leave a duplicate, which `read()` and
 the normal path stores each record exactly once.
 
 Object stores have no append or rename: each `append()` writes its records as one new sealed object, so there is
-nothing open to recover. Ingest streams a file in chunks of lines and writes one Parquet part per chunk, named
-from the input's digest and the chunk number, so re-ingesting a file is a no-op and memory stays bounded by one
-chunk. Every part records the agents it holds in its footer (`flywheel.agents`), so incremental curation can tell
-which parts an agent has not consumed yet without reading them.
+nothing open to recover. Ingest streams a file (local or `s3://`, plain or gzip: `flywheel.capture.reader`) in
+chunks of lines and writes one Parquet part per chunk, named from the input's digest and the chunk number, so
+re-ingesting a file is a no-op and memory stays bounded by one chunk. A file that cannot be read to its end keeps
+the chunk read before the fault, then raises `InputError`. Every part records the agents it holds in its footer
+(`flywheel.agents`), so incremental curation can tell which parts an agent has not consumed yet without reading
+them.
 
     flywheel ingest logs.jsonl --known-agents sgd_Flights,sgd_Hotels --max-line-bytes 500000
 """
@@ -41,7 +43,6 @@ which parts an agent has not consumed yet without reading them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -57,6 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flywheel.capture.ingest import DEFAULT_MAX_LINE_BYTES, digest
+from flywheel.capture.reader import InputError, LineReader, input_digest, open_input
 from flywheel.routing import register_agent
 from flywheel.schema import LOG_RECORD, QUARANTINE
 from flywheel.storage import Store
@@ -438,24 +440,6 @@ class LogStore:
         return table.take(keep) if len(keep) != len(table) else table
 
 
-def _lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes]:
-    """The file's lines without their newline; a line longer than `max_bytes` is cut at `max_bytes + 1` bytes
-    (enough to be quarantined as oversized) and the rest skipped, so one huge line never fills memory."""
-    while True:
-        raw = f.readline(max_bytes + 2)
-        if not raw:
-            return
-        if raw.endswith(b"\n"):
-            yield raw[:-1]
-            continue
-        if len(raw) <= max_bytes + 1:  # the last line, without a newline
-            yield raw
-            continue
-        yield raw[:max_bytes + 1]
-        while raw and not raw.endswith(b"\n"):
-            raw = f.readline(1 << 20)
-
-
 def _chunks(lines: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
     chunk: list[bytes] = []
     for line in lines:
@@ -467,28 +451,21 @@ def _chunks(lines: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
         yield chunk
 
 
-def file_digest(path: str) -> tuple[int, str]:
-    """(size, sha256) of a file, read in 1 MiB blocks."""
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-            size += len(block)
-    return size, sha.hexdigest()
-
-
 def ingest_file(store: Store, path: str, default_agent: str = "", tenant: str = "default",
                 known_agents: Iterable[str] = (), max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
                 chunk_lines: int = INGEST_CHUNK_LINES) -> dict:
-    """Stream one JSONL file into the log store, `chunk_lines` lines per Parquet part.
+    """Stream one JSONL file (local or `s3://`, plain or gzip: `flywheel.capture.reader`) into the log store,
+    `chunk_lines` lines per Parquet part.
 
     Retry-safe: parts are named from the file's digest (and the validation settings, when not the defaults) plus
-    the chunk number, so ingesting the same file again rewrites the same parts with the same rows.
+    the chunk number, so ingesting the same file again rewrites the same parts with the same rows. A file that
+    cannot be read to its end (a truncated or corrupt gzip) still has every line before the fault stored, then
+    raises `InputError` naming the file, the position and the counts (also in `InputError.result`).
     """
     from flywheel.capture.ingest import parse_lines
 
     name = os.path.basename(path)
-    size, sha = file_digest(path)
+    size, sha = input_digest(path)
     allow = sorted(set(known_agents))
     settings: dict = {}  # only non-default settings change the part names (older homes keep theirs)
     if allow:
@@ -496,25 +473,41 @@ def ingest_file(store: Store, path: str, default_agent: str = "", tenant: str = 
     if max_line_bytes != DEFAULT_MAX_LINE_BYTES:
         settings["max_line_bytes"] = max_line_bytes
     key = digest(name, size, sha, *([settings] if settings else []))
-    logs = LogStore(store)
-    accepted = quarantined = 0
-    reasons: dict[str, int] = {}
-    agents: dict[str, int] = {}
-    first = 1
-    with open(path, "rb") as f:
-        for i, chunk in enumerate(_chunks(_lines(f, max_line_bytes), chunk_lines)):
+    logs, tally = LogStore(store), _Tally(path)
+    with open_input(path) as f:
+        reader = LineReader(f, max_line_bytes)
+        for i, chunk in enumerate(_chunks(reader, chunk_lines)):  # a fault ends the lines: the last chunk is kept
             records, rejected = parse_lines(chunk, name, default_agent, tenant, max_bytes=max_line_bytes,
-                                            known_agents=allow, first_line=first)
-            first += len(chunk)
+                                            known_agents=allow, first_line=tally.next_line)
             part = key if i == 0 else f"{key}-{i}"
             logs.write_records(records, part)
             logs.write_quarantine(rejected, "ingest", part)
-            accepted, quarantined = accepted + len(records), quarantined + len(rejected)
-            for q in rejected:
-                reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
-            for r in records:
-                agents[r["agent_id"]] = agents.get(r["agent_id"], 0) + 1
-    for agent in agents:
+            tally.add(len(chunk), records, rejected)
+    for agent in tally.agents:
         register_agent(store, agent, tenant)
-    return {"file": path, "lines": accepted + quarantined, "accepted": accepted,
-            "quarantined": quarantined, "reasons": reasons, "agents": agents}
+    if reader.fault:
+        raise InputError(f"{path}: {reader.fault}; the {tally.next_line - 1} lines before it were ingested "
+                         f"({tally.accepted} accepted, {tally.quarantined} quarantined) and the rest of the file "
+                         "was not read", tally.result())
+    return tally.result()
+
+
+class _Tally:
+    """What one ingested file has produced so far."""
+
+    def __init__(self, path: str):
+        self.path, self.next_line, self.accepted, self.quarantined = path, 1, 0, 0
+        self.reasons: dict[str, int] = {}
+        self.agents: dict[str, int] = {}
+
+    def add(self, lines: int, records: list[dict], rejected: list[dict]) -> None:
+        self.next_line += lines
+        self.accepted, self.quarantined = self.accepted + len(records), self.quarantined + len(rejected)
+        for q in rejected:
+            self.reasons[q["reason"]] = self.reasons.get(q["reason"], 0) + 1
+        for r in records:
+            self.agents[r["agent_id"]] = self.agents.get(r["agent_id"], 0) + 1
+
+    def result(self) -> dict:
+        return {"file": self.path, "lines": self.accepted + self.quarantined, "accepted": self.accepted,
+                "quarantined": self.quarantined, "reasons": self.reasons, "agents": self.agents}
