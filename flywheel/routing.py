@@ -1,7 +1,14 @@
 """Which backend answers an agent, and the retrain queue: the state that monitoring writes and Serve reads.
 
-`routing/<agent>.json` = {"mode": "student" | "teacher", "reason": ..., "since": ...}. No file means "student
-when the agent has a production adapter, else teacher". Drift sets "teacher"; a promotion sets "student".
+`routing/<agent>.json` = {"mode": MODES, "reason": ..., "since": ...}:
+    student     the production adapter answers every request
+    selective   the production adapter answers when its confidence reaches the threshold certified with that
+                version (`registry` entry `selective`), the teacher answers the rest (`flywheel.serve.selective`)
+    shadow      the teacher answers; the production adapter answers too and its answer is logged beside it
+    teacher     the teacher answers
+No file means "selective when the production version carries a certified threshold, student when it carries no
+certificate (it was promoted without one), teacher without a production adapter". Drift sets "teacher"; a
+promotion sets "selective" (or "student" for a version promoted without a certificate).
 Serve's Ingress reads these files (with `agents/` and the registry) into its in-memory catalog every
 `routing_ttl_s` (flywheel/serve/catalog.py), and its autoscaling moves capacity with them: a route to the teacher
 scales the TeacherProxy up at once, a route back scales it down after the cool-down (flywheel/serve/autoscale.py).
@@ -17,7 +24,8 @@ import time
 from flywheel.ids import check_id
 from flywheel.storage import Store
 
-STUDENT, TEACHER = "student", "teacher"
+STUDENT, TEACHER, SELECTIVE, SHADOW = "student", "teacher", "selective", "shadow"
+MODES = (STUDENT, SELECTIVE, SHADOW, TEACHER)
 
 
 def _rel(agent: str) -> str:
@@ -29,11 +37,17 @@ def get_route(store: Store, agent: str) -> dict:
 
 
 def set_route(store: Store, agent: str, mode: str, reason: str) -> dict:
-    if mode not in (STUDENT, TEACHER):
-        raise ValueError(f"route mode must be {STUDENT!r} or {TEACHER!r}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"route mode must be one of {', '.join(MODES)}, got {mode!r}")
     state = {"mode": mode, "reason": reason, "since": time.time()}
     store.write_json(_rel(agent), state)
     return state
+
+
+def promoted_mode(entry: dict) -> str:
+    """The route a promotion of this registry entry sets: selective when it carries a certified threshold."""
+    certificate = entry.get("selective") or {}
+    return SELECTIVE if certificate.get("threshold") is not None else STUDENT
 
 
 def queue_retrain(store: Store, agent: str, event_id: str, reason: str) -> str:

@@ -140,8 +140,6 @@ def test_sampling_params_defaults_and_limits():
 @pytest.mark.parametrize("fields, param", [
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logprobs": True}, "logprobs"),
-    ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
     ({"logit_bias": {"42": -100}}, "logit_bias"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
@@ -329,3 +327,22 @@ def test_stream_events_replays_a_completion_through_chunk():
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
     message = reassemble_stream(chunks)
     assert message["content"] == "Ok." and message["tool_calls"][0]["id"] == f"call_{RID[:16]}_0"
+
+
+def test_logprobs_are_honoured_in_the_shape_the_openai_client_parses():
+    from openai.types.chat import ChatCompletion
+
+    from flywheel.serve.protocol import completion_from_text, logprobs_content
+
+    req, _ = parse_request(body(logprobs=True, top_logprobs=2))
+    student_unsupported(req)  # accepted: the student returns them
+    params = sampling_params(req, 128, 512)
+    assert params.logprobs and params.top_logprobs == 2
+    vocab = {1: "Pos", 2: "itive", 3: "Neg"}
+    content = logprobs_content([1, 2], [-0.1, -0.01], [[(1, -0.1), (3, -2.5)], [(2, -0.01), (1, -5.0)]],
+                               vocab.__getitem__)
+    parsed = ChatCompletion.model_validate(completion_from_text("agent", "Positive", 5, 2, "student:x", "r1",
+                                                                logprobs=content))
+    lp = parsed.choices[0].logprobs.content
+    assert [t.token for t in lp] == ["Pos", "itive"] and lp[0].logprob == -0.1 and lp[0].bytes == list(b"Pos")
+    assert [a.token for a in lp[0].top_logprobs] == ["Pos", "Neg"] and lp[1].top_logprobs[1].logprob == -5.0

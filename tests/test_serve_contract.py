@@ -178,7 +178,7 @@ def test_oversized_body_is_413_and_the_replica_keeps_serving(app):
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"presence_penalty": 0.5}, "presence_penalty"),  # valid OpenAI, but the student cannot honour it
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"seed": "x"}, "seed"),
 ])

@@ -150,6 +150,16 @@ class Registry:
 
         self._update(agent, score)
 
+    def record_certificate(self, agent: str, version: str, certificate: dict) -> None:
+        """Keep a version's selective-serving certificate (`flywheel.evaluate.selective`: threshold, target,
+        delta, aggregate, coverage, its check on test) with it; Serve's catalog reads the production version's."""
+        def keep(state: dict) -> None:
+            for v in state["versions"]:
+                if v["version"] == version:
+                    v["selective"] = certificate
+
+        self._update(agent, keep)
+
     def set_alias(self, agent: str, version: str | None, name: str = PRODUCTION,
                   expected: Any = _UNSET, reason: str = "") -> dict:
         """Point `name` at `version` (None removes it). With `expected`, only if it still points there."""

@@ -19,7 +19,8 @@ reason is one item however often it is scanned, and an item is never reset once 
     invalid_tool_call     the answer tried a call that did not parse (`<tool_call>` text left over, a call written
                           as JSON text, an empty answer where tools are declared), called an undeclared tool, or
                           its arguments break the tool's declared JSON Schema (`flywheel.checks.call_problem`)
-    teacher_disagreement  the record carries a second answer (`extra_json.shadow` = {"model", "response"}: shadow
+    teacher_disagreement  the record carries a second answer (`extra_json.shadow` = {"model", "response"}, the
+                          response in OpenAI or MESSAGE shape: shadow
                           mode logs the student's answer beside the teacher's, or the reverse) and they differ
     low_confidence        `extra_json.confidence` below `LOW_CONFIDENCE` (0.5)
     guardrail             `extra_json.guardrail` (or `guardrails`, a list) holds a verdict with `passed: false`
@@ -87,9 +88,13 @@ def second_answer(record: dict) -> tuple[str, dict] | None:
     shadow = _extra(record).get("shadow")
     if not isinstance(shadow, dict) or not isinstance(shadow.get("response"), dict):
         return None
+    response = {**shadow["response"], "role": "assistant"}
+    if all(isinstance(tc, dict) and "name" in tc for tc in response.get("tool_calls") or []):  # MESSAGE shape
+        response["tool_calls"] = [{"id": tc.get("id"), "type": "function",
+                                   "function": {"name": tc["name"], "arguments": tc.get("arguments")}}
+                                  for tc in response.get("tool_calls") or []] or None
     try:
-        return str(shadow.get("model") or "shadow"), normalise_message({**shadow["response"], "role": "assistant"},
-                                                                       "shadow.response")
+        return str(shadow.get("model") or "shadow"), normalise_message(response, "shadow.response")
     except ValueError:
         return None
 

@@ -57,7 +57,7 @@ from flywheel.capture.store import LogStore
 from flywheel.config import ConfigError, ServeConfig
 from flywheel.ids import is_valid_id
 from flywheel.prompts import chat_messages
-from flywheel.routing import STUDENT, TEACHER
+from flywheel.routing import SELECTIVE, SHADOW, STUDENT, TEACHER
 from flywheel.schema import SESSION_KEYS, Rejected, canonical_json, normalise_message, quarantine_row
 from flywheel.serve.auth import KeyStore, Principal, RateLimiter, is_loopback
 from flywheel.serve.autoscale import (HOT_AGENTS, HOT_AGENTS_EVERY_S, INGRESS, TrafficGauges, TrafficWindow,
@@ -66,6 +66,7 @@ from flywheel.serve.catalog import Catalog, Route, Snapshot, route_of
 from flywheel.serve.metrics import ServeMetrics
 from flywheel.serve.protocol import (APIError, ChatCompletionRequest, completion_from_text, error_body, new_id,
                                      parse_request, sampling_params, stream_events, student_unsupported)
+from flywheel.serve import selective
 from flywheel.serve.review_routes import ReviewRoutes, read_body
 from flywheel.serve.streaming import DeltaParser, chunk
 from flywheel.serve.student import StudentModel
@@ -78,8 +79,9 @@ logger = logging.getLogger("ray.serve")
 
 # -- capture and auth at start: plain functions ------------------------------------------------------------
 def log_record(record_id: str, agent: str, tenant: str, req: ChatCompletionRequest, rows: list[dict],
-               tools: list[dict], completion: dict, model: str, latency_ms: float) -> dict:
-    """One answered request as a `schema.LOG_RECORD` row; `Rejected` when the answer cannot be one."""
+               tools: list[dict], completion: dict, model: str, latency_ms: float, extra: dict | None = None) -> dict:
+    """One answered request as a `schema.LOG_RECORD` row; `Rejected` when the answer cannot be one. `extra`:
+    what routing decided (confidence, a deferral and the student's draft: `flywheel.serve.selective`)."""
     answer = normalise_message({**completion["choices"][0]["message"], "role": "assistant"}, "response")
     usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
     meta = req.metadata or {}
@@ -88,7 +90,7 @@ def log_record(record_id: str, agent: str, tenant: str, req: ChatCompletionReque
     return {"record_id": record_id, "agent_id": agent, "tenant": tenant, "timestamp": time.time(),
             "session_id": session, "messages": rows, "tools_json": canonical_json(tools), "response": answer,
             "model": model, "latency_ms": latency_ms, "prompt_tokens": tokens[0], "completion_tokens": tokens[1],
-            "feedback": None, "source": "serve", "extra_json": None}
+            "feedback": None, "source": "serve", "extra_json": canonical_json(extra) if extra else None}
 
 
 def check_auth_at_start(cfg: ServeConfig, store: Store) -> str:
@@ -151,6 +153,11 @@ def _replica_lost(exc: BaseException) -> bool:
 def _last_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip()[:300] if lines else type(exc).__name__
+
+
+def _message_of(completion: dict) -> dict:
+    """A completion's answer as a `schema.MESSAGE` row (how records keep answers), e.g. a student's draft."""
+    return normalise_message({**completion["choices"][0]["message"], "role": "assistant"}, "response")
 
 
 @dataclass
@@ -376,6 +383,10 @@ class Ingress:
             tenant = principal.tenant if principal else route.tenant
             call = _Call(new_id(), req, body, rows, route, tenant, start)
             self.traffic.arrived(agent)
+            if route.mode == SELECTIVE:
+                return await self._selective(call)
+            if route.mode == SHADOW:
+                return await self._shadow(call)
             if route.backend == STUDENT:
                 return await self._student(call)
             return await self._teacher(call)
@@ -384,6 +395,19 @@ class Ingress:
             raise
 
     async def _student(self, call: _Call) -> Any:
+        stream, first = await self._ask_student(call)
+        headers = {"x-flywheel-backend": f"student:{call.route.model_id}", "x-flywheel-record-id": call.id,
+                   "x-flywheel-replica": first.get("replica", "")}
+        if call.req.stream:
+            return StreamingResponse(self._sse(stream, first, call), media_type="text/event-stream", headers=headers)
+        text, done = await self._collect(stream, first, call)
+        completion = self._completion(call, text, done)
+        await self._capture(call, completion)
+        self._answered(call, STUDENT, False, completion["usage"])
+        return JSONResponse(completion, headers=headers)
+
+    async def _ask_student(self, call: _Call) -> tuple[Any, dict]:
+        """(the student's answer stream, its first item) for the request, decoded under its tool-call grammar."""
         req = call.req
         student_unsupported(req)
         sampling = sampling_params(req, self.cfg.max_new_tokens, self.cfg.max_tokens_limit)
@@ -395,11 +419,10 @@ class Ingress:
         turns = chat_messages(call.rows, call.body.get("tools") or [], self.cfg.max_history)
         handle = self.student.options(multiplexed_model_id=call.route.model_id, stream=True)
         stream = handle.stream.remote(turns, dataclasses.asdict(sampling), constraint)
-        first = await self._first(stream, call)
-        headers = {"x-flywheel-backend": f"student:{call.route.model_id}", "x-flywheel-record-id": call.id,
-                   "x-flywheel-replica": first.get("replica", "")}
-        if req.stream:
-            return StreamingResponse(self._sse(stream, first, call), media_type="text/event-stream", headers=headers)
+        return stream, await self._first(stream, call)
+
+    async def _collect(self, stream: Any, first: dict, call: _Call) -> tuple[str, dict]:
+        """The whole answer's text and the stream's `done` item."""
         text, done = "", first
         try:
             async with asyncio.timeout(self._left(call)):
@@ -415,10 +438,7 @@ class Ingress:
                            "student_error") from None
         except Exception as e:
             raise self._student_failed(call, e) from None
-        completion = self._completion(call, text, done)
-        await self._capture(call, completion)
-        self._answered(call, STUDENT, False, completion["usage"])
-        return JSONResponse(completion, headers=headers)
+        return text, done
 
     def _answered(self, call: _Call, backend: str, stream: bool, usage: dict | None, ttft: float | None = None) -> None:
         seconds = time.perf_counter() - call.start
@@ -465,7 +485,7 @@ class Ingress:
     def _completion(self, call: _Call, text: str, done: dict) -> dict:
         return completion_from_text(call.req.model, text, done["prompt_tokens"], done["completion_tokens"],
                                     f"student:{call.route.model_id}", call.id,
-                                    truncated=done["finish_reason"] == "length")
+                                    truncated=done["finish_reason"] == "length", logprobs=done.get("logprobs"))
 
     async def _sse(self, stream: Any, first: dict, call: _Call) -> AsyncIterator[str]:
         """Tokens as they are decoded; the record is captured before the final chunk and `[DONE]`."""
@@ -484,6 +504,8 @@ class Ingress:
                     item = await stream.__anext__()
             for delta in parser.finish():
                 yield chunk(head, delta)
+            if item.get("logprobs"):  # every token's, in one chunk after the text (OpenAI's client joins chunks)
+                yield chunk(head, {}, None, logprobs=item["logprobs"])
             completion = self._completion(call, text, item)
             await self._capture(call, completion)
         except (asyncio.CancelledError, GeneratorExit):
@@ -502,23 +524,79 @@ class Ingress:
         yield "data: [DONE]\n\n"
         self._answered(call, STUDENT, True, completion["usage"], ttft)
 
-    async def _teacher(self, call: _Call) -> Any:
-        req = call.req
+    async def _teacher(self, call: _Call, extra: dict | None = None, headers: dict | None = None) -> Any:
+        """The teacher's answer, captured (with `extra`: a deferral, a shadow answer) and returned."""
+        completion = await self._teacher_completion(call)
+        return await self._answer(call, completion, TEACHER, extra, headers)
+
+    async def _teacher_completion(self, call: _Call) -> dict:
         if self.teacher is None:
-            raise _retry(503, f"agent {req.model!r} must be answered by the teacher ({call.route.reason}) but no "
-                              "teacher is configured: set teacher_url (--teacher-url), or promote an adapter for it",
-                         "teacher_not_configured", 30)
+            raise _retry(503, f"agent {call.req.model!r} must be answered by the teacher ({call.route.reason}) but "
+                              "no teacher is configured: set teacher_url (--teacher-url), or promote an adapter for "
+                              "it", "teacher_not_configured", 30)
         answer, model = await self._ask_teacher(call)
-        backend = f"teacher:{model}"
-        completion = {**answer, "id": f"chatcmpl-{call.id}", "object": "chat.completion", "model": req.model,
-                      "created": answer.get("created") or int(time.time()), "system_fingerprint": backend}
-        await self._capture(call, completion)
-        self._answered(call, TEACHER, bool(req.stream), completion.get("usage"))
-        headers = {"x-flywheel-backend": backend, "x-flywheel-record-id": call.id}
-        if req.stream:  # the teacher is asked without streaming; its answer is replayed as chunks
-            usage = bool((req.stream_options or {}).get("include_usage"))
+        return {**answer, "id": f"chatcmpl-{call.id}", "object": "chat.completion", "model": call.req.model,
+                "created": answer.get("created") or int(time.time()), "system_fingerprint": f"teacher:{model}"}
+
+    async def _answer(self, call: _Call, completion: dict, backend: str, extra: dict | None = None,
+                      headers: dict | None = None) -> Any:
+        """Capture a finished completion, then return it (replayed as chunks when the caller streams)."""
+        await self._capture(call, completion, extra)
+        self._answered(call, backend, bool(call.req.stream), completion.get("usage"))
+        headers = {"x-flywheel-backend": completion["system_fingerprint"], "x-flywheel-record-id": call.id,
+                   **(headers or {})}
+        if call.req.stream:  # a held answer (the teacher's, a selective one) is replayed as chunks
+            usage = bool((call.req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream_events(completion, usage), media_type="text/event-stream", headers=headers)
         return JSONResponse(completion, headers=headers)
+
+    # -- selective and shadow routes (flywheel.serve.selective) --------------------------------------------------
+    async def _selective(self, call: _Call) -> Any:
+        """The student's answer is held until its confidence is known: served when it clears the agent's certified
+        threshold and its guardrails, else the teacher answers (and the record keeps the student's draft)."""
+        stream, first = await self._ask_student(call)
+        text, done = await self._collect(stream, first, call)
+        draft = self._completion(call, text, done)
+        route, confidence = call.route, done.get("confidence")
+        value = selective.picked_confidence(confidence, route.aggregate)
+        why = selective.deferral(text, done["finish_reason"], value, route.threshold, call.body.get("tools") or [])
+        headers = {"x-flywheel-replica": first.get("replica", ""),
+                   "x-flywheel-confidence": "" if value is None else f"{value:.4f}"}
+        self.metrics.selective(call.req.model, why or "served")
+        if why is None:
+            return await self._answer(call, draft, STUDENT, selective.served_extra(SELECTIVE, confidence, value,
+                                                                                   route.threshold), headers)
+        extra = selective.deferred_extra(SELECTIVE, why, _message_of(draft), draft["system_fingerprint"], confidence, value,
+                                         route.threshold)
+        try:
+            completion = await self._teacher_completion(call)
+        except APIError as e:
+            await self._keep_unanswered(call, draft, extra, e)
+            raise
+        return await self._answer(call, completion, TEACHER, extra, {**headers, "x-flywheel-deferred": why})
+
+    async def _keep_unanswered(self, call: _Call, draft: dict, extra: dict, error: APIError) -> None:
+        """A deferred request the teacher could not answer: the request and the student's draft are kept (as a
+        quarantined row with the reason) so nothing the client sent is lost; the client gets the teacher's error."""
+        raw = json.dumps({"request": call.body, "student": draft, "extra": extra, "error": error.body()}, default=str)
+        row = quarantine_row("deferred_unanswered", f"deferred ({extra.get('fallback')}) but the teacher failed: "
+                             f"{error.status}", "serve", raw, "serve", call.id, call.req.model)
+        await asyncio.to_thread(self.logs.write_quarantine, [row], "serve", call.id)
+
+    async def _shadow(self, call: _Call) -> Any:
+        """The teacher serves; the student answers the same request beside it and its answer is logged."""
+        teacher = asyncio.ensure_future(self._teacher_completion(call))
+        try:
+            stream, first = await self._ask_student(call)
+            text, done = await self._collect(stream, first, call)
+            draft = self._completion(call, text, done)
+            confidence = done.get("confidence")
+            value = selective.picked_confidence(confidence, call.route.aggregate)
+            extra = selective.shadow_extra(_message_of(draft), draft["system_fingerprint"], confidence, value)
+        except Exception as e:  # the student's failure never fails the teacher's answer
+            extra = selective.shadow_extra(None, f"student:{call.route.model_id}", None, None,
+                                           getattr(e, "message", None) or _last_line(e))
+        return await self._answer(call, await teacher, TEACHER, extra)
 
     async def _ask_teacher(self, call: _Call) -> tuple[dict, str]:
         """(the teacher's completion, its model name) from the TeacherProxy deployment; 502, 503 or 504 else."""
@@ -541,13 +619,13 @@ class Ingress:
             raise APIError(502, answer["error"], "server_error", "teacher_error")
         return answer["completion"], answer["model"]
 
-    async def _capture(self, call: _Call, completion: dict) -> None:
+    async def _capture(self, call: _Call, completion: dict, extra: dict | None = None) -> None:
         """Durably store the answered request before the caller has the whole answer (at-least-once)."""
         latency_ms = (time.perf_counter() - call.start) * 1000
         try:
             record = log_record(call.id, call.req.model, call.tenant, call.req, call.rows,
                                 call.body.get("tools") or [], completion, completion["system_fingerprint"],
-                                latency_ms)
+                                latency_ms, extra)
         except Rejected as e:  # e.g. the teacher's tool-call arguments are not JSON: keep it, set aside
             raw = json.dumps({"request": call.body, "response": completion}, default=str)
             row = quarantine_row(e.reason, e.detail, "serve", raw, "serve", call.id, call.req.model)

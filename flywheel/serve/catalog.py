@@ -34,7 +34,7 @@ from typing import Any
 
 from flywheel.ids import is_valid_id
 from flywheel.registry.registry import PRODUCTION
-from flywheel.routing import STUDENT, TEACHER
+from flywheel.routing import SELECTIVE, SHADOW, STUDENT, TEACHER
 from flywheel.storage import Store
 
 logger = logging.getLogger("ray.serve")
@@ -43,10 +43,13 @@ FOLDERS = ("agents", "registry", "routing")
 
 @dataclass(frozen=True)
 class Route:
-    backend: str  # STUDENT | TEACHER
-    model_id: str | None  # "<agent>@<version>" when the student answers
+    backend: str  # STUDENT | TEACHER: who answers first (selective: the student, which may defer)
+    model_id: str | None  # "<agent>@<version>" when the student answers (or shadows the teacher)
     tenant: str
     reason: str
+    mode: str = ""  # flywheel.routing's mode: student, selective, shadow or teacher
+    threshold: float | None = None  # selective: the certified confidence threshold
+    aggregate: str = "min"  # selective: the confidence aggregate the threshold was certified for
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,28 @@ class Entry:
     production: str | None = None  # the registry's production version
     route: str | None = None  # the routing file's mode; None: no routing file (student once promoted)
     route_reason: str = ""
+    certificate: dict | None = field(default=None, compare=True)  # the production version's `selective` entry
 
 
 def route_of(entry: Entry) -> Route:
-    """Who answers the agent: its route file says teacher (drift), else its production adapter, else the teacher."""
+    """Who answers the agent (the modes of `flywheel.routing`): its route file says teacher (drift), else its
+    production adapter (selective when certified, or as the route file says), else the teacher."""
     if entry.route == TEACHER:
-        return Route(TEACHER, None, entry.tenant, f"its route is teacher: {entry.route_reason}")
+        return Route(TEACHER, None, entry.tenant, f"its route is teacher: {entry.route_reason}", TEACHER)
     if entry.production is None:
-        return Route(TEACHER, None, entry.tenant, "it has no production adapter yet")
-    return Route(STUDENT, f"{entry.agent}@{entry.production}", entry.tenant, "production adapter")
+        return Route(TEACHER, None, entry.tenant, "it has no production adapter yet", TEACHER)
+    model_id = f"{entry.agent}@{entry.production}"
+    certificate = entry.certificate or {}
+    threshold = certificate.get("threshold")
+    mode = entry.route or (SELECTIVE if threshold is not None else STUDENT)
+    if mode == SHADOW:
+        return Route(TEACHER, model_id, entry.tenant, "shadow: the student answers beside the teacher", SHADOW)
+    if mode == SELECTIVE and threshold is None:
+        return Route(TEACHER, None, entry.tenant, f"selective, but {model_id} has no certified threshold", TEACHER)
+    if mode == SELECTIVE:
+        return Route(STUDENT, model_id, entry.tenant, "production adapter, selective", SELECTIVE, float(threshold),
+                     str(certificate.get("aggregate") or "min"))
+    return Route(STUDENT, model_id, entry.tenant, "production adapter", STUDENT)
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,15 @@ def _stamp(info: dict) -> tuple:
 def _first_seen(info: dict) -> int:
     stamp = info.get("created") or info.get("mtime") or info.get("LastModified") or 0
     return int(stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0))
+
+
+def _certificate(state: Any, version: str | None) -> dict | None:
+    """The `selective` certificate of a registry object's version, if it carries one."""
+    if not isinstance(state, dict) or version is None:
+        return None
+    found = next((v for v in state.get("versions") or [] if v.get("version") == version), {})
+    certificate = found.get("selective")
+    return certificate if isinstance(certificate, dict) else None
 
 
 def _production(state: Any) -> str | None:
@@ -233,9 +258,10 @@ class Catalog:
         created = about.get("created") or (catalog[2] if catalog else 0) or (registry[2] if registry else 0)
         route = self._files["routing"].get(agent)
         route_obj = route[1] if route and isinstance(route[1], dict) else {}
-        return Entry(agent, str(about.get("tenant") or "default"), int(float(created or 0)),
-                     _production(registry[1]) if registry else None, route_obj.get("mode") if route else None,
-                     str(route_obj.get("reason") or ""))
+        production = _production(registry[1]) if registry else None
+        return Entry(agent, str(about.get("tenant") or "default"), int(float(created or 0)), production,
+                     route_obj.get("mode") if route else None, str(route_obj.get("reason") or ""),
+                     _certificate(registry[1], production) if registry else None)
 
     def _note_promotions(self, old: Snapshot, changed: set[str]) -> None:
         for agent in sorted(changed):

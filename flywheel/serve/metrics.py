@@ -7,6 +7,9 @@ Per agent and backend (`student` / `teacher`):
     flywheel_tokens_total{agent, backend, kind}           prompt / completion tokens
     flywheel_request_seconds{agent, backend, stream}      whole-request latency (histogram)
     flywheel_ttft_seconds{agent, backend}                 time to the first streamed token (histogram)
+    flywheel_selective_total{agent, outcome}              selective answers: `served` by the student, or the
+                                                          deferral reason (low_confidence, truncated, ...):
+                                                          deferral rate = 1 - served / all, coverage = served / all
 
 Requests refused before an agent is known (401, 413, bad JSON) count under agent "-". With many thousands of
 agents, per-agent series can be turned off (`ServeConfig.metrics_per_agent: false`): the agent tag is then "*".
@@ -32,6 +35,12 @@ class ServeMetrics:
                                  tag_keys=("agent", "backend", "stream"))
         self.ttft = Histogram("flywheel_ttft_seconds", "Time to the first streamed token", LATENCY_BOUNDARIES,
                               tag_keys=("agent", "backend"))
+        self.selective_outcomes = Counter("flywheel_selective_total", "Selective answers by outcome: served by the "
+                                          "student or the reason they were deferred to the teacher",
+                                          tag_keys=("agent", "outcome"))
+
+    def selective(self, agent: str, outcome: str) -> None:
+        self.selective_outcomes.inc(1, {"agent": self._agent(agent), "outcome": outcome})
 
     def _agent(self, agent: str | None) -> str:
         return (agent or "-") if self.per_agent else "*"

@@ -10,8 +10,9 @@ without a cluster (`pytest tests/test_protocol.py`).
 - `sampling_params(req, default, limit)` is what the student decodes with. The student was distilled on greedy
   targets, so a request without `temperature` is decoded greedily (temperature 0), not at OpenAI's default of 1.
   A `max_tokens` above the server's limit is a 400, never silently capped.
-- `student_unsupported(req)` raises a 400 for parameters the student engine cannot honour (penalties, logprobs,
-  logit_bias, audio, non-text input); teacher-routed agents accept them.
+- `student_unsupported(req)` raises a 400 for parameters the student engine cannot honour (penalties,
+  logit_bias, audio, non-text input); teacher-routed agents accept them. `logprobs` / `top_logprobs` are honoured:
+  the student's log-probabilities are taken after the tool-call grammar's mask (`flywheel.inference.engine`).
 - `completion_from_text(...)` turns the student's text into a `chat.completion` (tool calls become OpenAI
   `tool_calls` with finish_reason "tool_calls").
 - `stream_events(completion)` replays a finished completion as server-sent `chat.completion.chunk` events;
@@ -25,7 +26,7 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
@@ -311,6 +312,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # return each answer token's log-probability (OpenAI `logprobs`)
+    top_logprobs: int = 0  # and this many most likely alternatives per position
 
     @property
     def greedy(self) -> bool:
@@ -334,14 +337,14 @@ def sampling_params(req: ChatCompletionRequest, default_max_tokens: int, max_tok
                               f"for the student; ask for at most {max_tokens_limit}", "invalid_value")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return SamplingParams(max_tokens=max_tokens, temperature=0.0 if req.temperature is None else req.temperature,
-                          top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop)
+                          top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
+                          logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
 
 
 def student_unsupported(req: ChatCompletionRequest) -> None:
     """Raise `APIError(400, code="unsupported_parameter")` for the first parameter the student cannot honour.
 
-    The list, on purpose short and explicit: presence_penalty / frequency_penalty other than 0, logprobs (and
-    top_logprobs), a non-empty logit_bias, audio output or a non-text modality, and non-text message content
+    The list, on purpose short and explicit: presence_penalty / frequency_penalty other than 0, a non-empty logit_bias, audio output or a non-text modality, and non-text message content
     (images, audio, files). `n` > 1 is already rejected by `parse_request`. `parallel_tool_calls` false is accepted:
     with tool_choice "required" the grammar then allows one call (`grammar.constraint_for(...,
     parallel_tool_calls=False)`); under "auto" the student decides between text and calls, and at most one call (absent: several allowed, as OpenAI)."""
@@ -354,10 +357,6 @@ def student_unsupported(req: ChatCompletionRequest) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise refuse(name, f"{name}={getattr(req, name)}")
-    if req.logprobs:
-        raise refuse("logprobs", "logprobs=true")
-    if req.top_logprobs:
-        raise refuse("top_logprobs", f"top_logprobs={req.top_logprobs}")
     if req.logit_bias:
         raise refuse("logit_bias", "a non-empty logit_bias")
     if extra.get("audio") is not None:
@@ -379,8 +378,9 @@ def new_id() -> str:
 
 def completion_from_text(agent: str, text: str, prompt_tokens: int, completion_tokens: int, backend: str,
                          request_id: str | None = None, truncated: bool = False,
-                         created: int | None = None) -> dict[str, Any]:
-    """The student's raw text -> an OpenAI `chat.completion` (tool calls parsed, ids unique per request)."""
+                         created: int | None = None, logprobs: dict | None = None) -> dict[str, Any]:
+    """The student's raw text -> an OpenAI `chat.completion` (tool calls parsed, ids unique per request);
+    `logprobs`: the choice's OpenAI `{"content": [...]}` when the request asked for them."""
     request_id = request_id or new_id()
     parsed = parse_answer(text)
     message: dict[str, Any] = {"role": "assistant", "content": parsed["content"]}
@@ -392,10 +392,24 @@ def completion_from_text(agent: str, text: str, prompt_tokens: int, completion_t
     return {
         "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": created or int(time.time()),
         "model": agent, "system_fingerprint": backend,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+
+
+def logprobs_content(tokens: Sequence[int], logprobs: Sequence[float], top: Sequence[Sequence[tuple[int, float]]],
+                     decode: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's `choices[0].logprobs` for an answer's tokens: {"content": [{"token", "logprob", "bytes",
+    "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal": None}, as the official client parses it."""
+
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = decode(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in (top[i] if i < len(top) else ())]}
+               for i, (t, lp) in enumerate(zip(tokens, logprobs))]
+    return {"content": content, "refusal": None}
 
 
 def stream_events(completion: dict[str, Any], include_usage: bool = False) -> Iterator[str]:
@@ -413,6 +427,8 @@ def stream_events(completion: dict[str, Any], include_usage: bool = False) -> It
                                            "function": {"name": fn.get("name"),
                                                         "arguments": args if isinstance(args, str) else
                                                         json.dumps(args or {})}}]})
+    if choice.get("logprobs"):
+        yield chunk(head, {}, None, logprobs=choice["logprobs"])
     yield chunk(head, {}, choice.get("finish_reason") or "stop")
     if include_usage and completion.get("usage"):
         yield chunk(head, None, usage=completion["usage"])

@@ -44,10 +44,11 @@ def tool_call_id(request_id: str, index: int) -> str:
 
 
 def chunk(head: dict[str, Any], delta: dict[str, Any] | None, finish: str | None = None,
-          usage: dict[str, Any] | None = None) -> str:
+          usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> str:
     """One SSE event `data: {chat.completion.chunk}\\n\\n`. `head` holds id, created, model, system_fingerprint;
-    `delta` None gives the usage-only chunk (`choices: []`) that `stream_options.include_usage` asks for."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    `delta` None gives the usage-only chunk (`choices: []`) that `stream_options.include_usage` asks for;
+    `logprobs` is the choice's OpenAI `{"content": [...]}` for the tokens of this chunk."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
     body = {**head, "object": "chat.completion.chunk", "choices": choices}
     if usage is not None:
         body["usage"] = usage

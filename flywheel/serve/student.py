@@ -377,14 +377,27 @@ class StudentModel:
                         return
                     if isinstance(gen, BaseException):
                         raise RuntimeError(f"the student failed: {type(gen).__name__}: {gen}") from None
-                    yield {"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
-                           "completion_tokens": gen.completion_tokens}
+                    yield self._done(gen, params)
                     return
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             row.cancelled.set()  # the caller went away: its row ends at the next token
             self.stats["cancelled"] += 1
             raise
+
+    def _done(self, gen: Any, params: Any) -> dict:
+        """A finished row's last item: token counts, why it ended, its confidence (`flywheel.inference.confidence`,
+        every aggregate: the Ingress picks the agent's) and, when asked, its OpenAI logprobs."""
+        from flywheel.inference.confidence import answer_confidence
+        from flywheel.serve.protocol import logprobs_content
+
+        logprobs = None
+        if params.logprobs and gen.tokens:
+            decode = self.engine.tokenizer.decode
+            logprobs = logprobs_content(gen.tokens, gen.logprobs, gen.top_logprobs, lambda t: decode([t]))
+        return {"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": gen.completion_tokens, "logprobs": logprobs,
+                "confidence": answer_confidence(gen.text, gen.token_ends, gen.logprobs)}
 
     async def generate(self, turns: list[dict], budget: int) -> dict:
         """The whole answer at once, greedy (kept for callers that do not stream)."""
