@@ -123,7 +123,7 @@ class RollbackConfig:
 
 def run_promote(cfg: PromoteConfig) -> dict:
     from flywheel.registry.registry import Registry
-    from flywheel.routing import STUDENT, set_route
+    from flywheel.routing import promoted_mode, set_route
     from flywheel.storage import Store
 
     store = Store(cfg.home or None)
@@ -135,18 +135,20 @@ def run_promote(cfg: PromoteConfig) -> dict:
     current = registry.alias(cfg.agent)
     move = registry.promote(cfg.agent, entry["version"], expected=current["version"] if current else None,
                             reason="manual promote" + (" (forced)" if cfg.force else ""))
-    set_route(store, cfg.agent, STUDENT, f"promoted {entry['version']}")
+    set_route(store, cfg.agent, promoted_mode(entry), f"promoted {entry['version']}")
     return move
 
 
 def run_rollback(cfg: RollbackConfig) -> dict:
     from flywheel.registry.registry import Registry
-    from flywheel.routing import STUDENT, TEACHER, set_route
+    from flywheel.routing import TEACHER, promoted_mode, set_route
     from flywheel.storage import Store
 
     store = Store(cfg.home or None)
-    move = Registry(store).rollback(cfg.agent)
-    set_route(store, cfg.agent, STUDENT if move["to"] else TEACHER, f"rollback to {move['to']}")
+    registry = Registry(store)
+    move = registry.rollback(cfg.agent)
+    mode = promoted_mode(registry.get(cfg.agent, move["to"])) if move["to"] else TEACHER
+    set_route(store, cfg.agent, mode, f"rollback to {move['to']}")
     return move
 
 

@@ -51,9 +51,10 @@ def default_student_path() -> str:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """`flywheel ingest`: read external logs (OpenAI JSONL or NVIDIA blueprint records) into the log store."""
+    """`flywheel ingest`: read external logs (OpenAI JSONL or NVIDIA blueprint records) into the log store.
+    `paths`: JSONL log files, local paths or s3:// URIs, plain or gzip (told by its first bytes)."""
 
-    paths: tuple[str, ...] = ()  # JSONL log files: local paths or s3:// URIs, plain or gzip (told by its first bytes)
+    paths: tuple[str, ...] = ()
     home: str = ""  # FLYWHEEL_HOME when empty
     tenant: str = "default"
     agent_id: str = ""  # force an agent id when the source has none (OpenAI JSONL)
@@ -267,7 +268,7 @@ class SweepConfig:
     num_samples: int = 8
     seed: int = 0  # the random search's draws and each trial's training seed
     # the objective and early stopping
-    metric: str = ""  # a metric of the agent's task (default: its primary one, function_name_accuracy...) or eval_loss
+    metric: str = ""  # a metric of the agent's task (default: its primary one, name_args_accuracy...) or eval_loss
     scheduler: str = "asha"  # asha (early stopping) | fifo (every trial runs to the end)
     grace_period: int = 1  # evaluations every trial gets before ASHA may stop it
     reduction_factor: int = 2  # at each ASHA rung only the best 1/reduction_factor go on
@@ -346,6 +347,13 @@ class EvaluateConfig:
     # the in-context baseline: base student + k nearest train examples (0: skip it)
     in_context_k: int = 3
     constrained: bool = True  # score the candidate under each example's tool-call grammar, and gate that row
+    metric: str = ""  # the gate's metric (a name in metrics.METRICS of the task); empty: metrics.PRIMARY's
+    # selective serving (flywheel/evaluate/calibrate.py): a confidence threshold certified on the validation split
+    selective: bool = True  # certify and gate on it (tool calls, classification); false: the teacher-share rule
+    selective_target: float = 0.95  # T: served answers exactly right at least T of the time...
+    selective_delta: float = 0.1  # ...with probability at least 1 - delta over the calibration data
+    confidence_aggregate: str = "min"  # flywheel.inference.confidence.AGGREGATES
+    max_calibration_examples: int = 0  # 0: the whole validation split
     embedding_model: str = ""  # a local sentence-transformers folder; empty: the bundled all-MiniLM-L6-v2
     max_prompt_tokens: int = 2048  # in-context prompts are trimmed to fit
     # cost per 1k requests (illustrative defaults: set your own prices)
@@ -379,8 +387,27 @@ class EvaluateConfig:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.judge_timeout_s <= 0:
             raise ConfigError(f"judge_timeout_s: must be > 0, got {self.judge_timeout_s}")
+        _check_selective(self)
         if self.judge_url and not self.judge_url.startswith(("http://", "https://")):
             raise ConfigError(f"judge_url: an http(s) URL of an OpenAI-compatible API (.../v1), got {self.judge_url!r}")
+
+
+def _check_selective(cfg: Any) -> None:
+    """`ConfigError` naming the key for an EvaluateConfig metric or selective-serving value that cannot work."""
+    from flywheel.inference.confidence import AGGREGATES
+    from flywheel.metrics import METRICS
+
+    known = sorted({m for names in METRICS.values() for m in names})
+    if cfg.metric and cfg.metric not in known:
+        raise ConfigError(f"metric: must be one of {', '.join(known)} (or empty), got {cfg.metric!r}")
+    for key in ("selective_target", "selective_delta"):
+        if not 0.0 < getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{key}: must be strictly between 0 and 1, got {getattr(cfg, key)}")
+    if cfg.confidence_aggregate not in AGGREGATES:
+        raise ConfigError(f"confidence_aggregate: must be one of {', '.join(AGGREGATES)}, "
+                          f"got {cfg.confidence_aggregate!r}")
+    if cfg.max_calibration_examples < 0:
+        raise ConfigError(f"max_calibration_examples: must be >= 0, got {cfg.max_calibration_examples}")
 
 
 def _check_serve_scaling(cfg: Any) -> None:
@@ -570,6 +597,11 @@ class DemoConfig:
     # 0.9 (18/20 correct has a lower bound of ~0.70, 20/20 of ~0.83); production jobs use
     # EvaluateConfig.min_share_of_teacher (0.9) on larger eval splits.
     min_share_of_teacher: float = 0.6
+    # Selective serving: the demo certifies T = 0.8 on at most `calibration_examples` validation records per agent
+    # (0.95 needs >= 45 accepted records without an error: more decoding than the demo's time allows); production
+    # uses EvaluateConfig.selective_target (0.95) on the whole validation split.
+    selective_target: float = 0.8
+    calibration_examples: int = 120
     port: int = 8000
     fresh: bool = True  # start from an empty home
 

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from flywheel.config import ConfigError, CurateConfig, DistillConfig, EvaluateConfig, MonitorConfig, check_ids, \
     default_student_path, load
-from flywheel.routing import STUDENT, retrain_queue, set_route
+from flywheel.routing import promoted_mode, retrain_queue, set_route
 from flywheel.storage import Store
 
 logger = logging.getLogger("flywheel.controller")
@@ -375,7 +375,8 @@ class Controller:
         if not current or current["version"] != version:  # a restart after the swap finds it done
             registry.promote(agent, version, expected=current["version"] if current else None,
                              reason=f"controller cycle {state['cycle']}: gate passed")
-        set_route(self.store, agent, STUDENT, f"promoted {version} (cycle {state['cycle']})")
+        set_route(self.store, agent, promoted_mode(registry.get(agent, version)),
+                  f"promoted {version} (cycle {state['cycle']})")
         return {"production": version}
 
     # -- state, events, lease --------------------------------------------------------------------------------------

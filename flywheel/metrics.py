@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from flywheel.checks import class_label, normalise_text
 from flywheel.prompts import DEFAULT_RE
 
-PRIMARY = {"tool_call": "function_name_accuracy", "classification": "accuracy", "text": "token_f1"}
+PRIMARY = {"tool_call": "name_args_accuracy", "classification": "accuracy", "text": "token_f1"}
 METRICS = {"tool_call": ("function_name_accuracy", "name_args_accuracy", "call_f1", "slot_f1", "tool_call_rate"),
            "classification": ("accuracy", "macro_f1"), "text": ("token_f1",)}
 BINARY = frozenset({"function_name_accuracy", "name_args_accuracy", "tool_call_rate", "accuracy"})  # 0/1 per example

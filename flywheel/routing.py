@@ -50,6 +50,32 @@ def promoted_mode(entry: dict) -> str:
     return SELECTIVE if certificate.get("threshold") is not None else STUDENT
 
 
+def resolve(agent: str, mode: str | None, reason: str, production: str | None, certificate: dict | None) -> dict:
+    """Who answers an agent, from its route file's `mode` (None: no file) and `reason`, its production version and
+    that version's certificate: {"backend": STUDENT | TEACHER (who answers first), "mode", "model" (the adapter's
+    model id, also in shadow), "reason", "threshold", "aggregate"}. Serve's catalog and the status page both ask."""
+    if mode == TEACHER:
+        return _answer(TEACHER, TEACHER, None, f"its route is teacher: {reason}")
+    if production is None:
+        return _answer(TEACHER, TEACHER, None, "it has no production adapter yet")
+    model, threshold = f"{agent}@{production}", (certificate or {}).get("threshold")
+    mode = mode or (SELECTIVE if threshold is not None else STUDENT)
+    if mode == SHADOW:
+        return _answer(TEACHER, SHADOW, model, "shadow: the student answers beside the teacher")
+    if mode == SELECTIVE and threshold is None:
+        return _answer(TEACHER, TEACHER, None, f"selective, but {model} has no certified threshold")
+    if mode == SELECTIVE:
+        return _answer(STUDENT, SELECTIVE, model, "production adapter, selective", float(threshold),
+                       str((certificate or {}).get("aggregate") or "min"))
+    return _answer(STUDENT, STUDENT, model, "production adapter")
+
+
+def _answer(backend: str, mode: str, model: str | None, reason: str, threshold: float | None = None,
+            aggregate: str = "min") -> dict:
+    return {"backend": backend, "mode": mode, "model": model, "reason": reason, "threshold": threshold,
+            "aggregate": aggregate}
+
+
 def queue_retrain(store: Store, agent: str, event_id: str, reason: str) -> str:
     rel = f"queue/retrain/{check_id('agent id', agent)}-{check_id('event id', event_id)}.json"
     store.write_json(rel, {"agent": agent, "event": event_id, "reason": reason, "queued": time.time()})

@@ -127,16 +127,16 @@ def test_every_metric_gets_an_interval_including_macro_f1():
 
 # --- the gate ---------------------------------------------------------------------------------------------
 def system(fn=0.97, ci=(0.945, 0.99), n=200):
-    return {"function_name_accuracy": fn, "function_name_accuracy_ci": None if ci is None else list(ci), "n": n}
+    return {"name_args_accuracy": fn, "name_args_accuracy_ci": None if ci is None else list(ci), "n": n}
 
 
 GOOD = {"task": "tool_call", "n_expected": 200, "candidate": system(), "teacher": system(1.0, (1.0, 1.0))}
 
 
 @pytest.mark.parametrize("report, why", [
-    ({**GOOD, "candidate": system(ci=None)}, "function_name_accuracy_ci is missing"),
-    ({**GOOD, "candidate": system(ci=(0.99, 0.945))}, "function_name_accuracy_ci is missing or broken"),
-    ({**GOOD, "candidate": system(ci=(math.nan, 0.99))}, "function_name_accuracy_ci is missing or broken"),
+    ({**GOOD, "candidate": system(ci=None)}, "name_args_accuracy_ci is missing"),
+    ({**GOOD, "candidate": system(ci=(0.99, 0.945))}, "name_args_accuracy_ci is missing or broken"),
+    ({**GOOD, "candidate": system(ci=(math.nan, 0.99))}, "name_args_accuracy_ci is missing or broken"),
     ({**GOOD, "candidate": system(0.95, (0.85, 0.99))}, "lower bound 0.850"),  # the point clears, the bound not
     # 20/20 correct: the bootstrap collapses to [1, 1], Wilson's bound (0.83) does not
     ({**GOOD, "n_expected": 20, "candidate": system(1.0, (1.0, 1.0), 20), "teacher": system(1.0, (1, 1), 20)},
@@ -174,6 +174,43 @@ def test_gate_reads_the_row_it_is_told_to_read():
     assert not decide(served, 0.9, 10)["passed"]  # the free row alone would fail
     missing = decide(GOOD, 0.9, 10, candidate="candidate_constrained")
     assert not missing["passed"] and "candidate_constrained results are missing" in missing["reasons"]
+
+
+def selective_block(threshold=0.8, accepted=60, right=59, target=0.95):
+    """A report's selective block as `calibrate.selective_block` writes it (the parts the gate reads)."""
+    from flywheel.evaluate.selective import check_on_test
+
+    conf = [0.9] * accepted + [0.1] * (100 - accepted)
+    correct = [1] * right + [0] * (accepted - right) + [0] * (100 - accepted)
+    return {"target": target, "certificate": {"threshold": threshold, "reason": None if threshold is not None
+                                              else "45 accepted calibration records needed"},
+            "test": check_on_test(conf, correct, threshold, target)}
+
+
+def test_selective_gate_replaces_the_teacher_share_by_the_certificate():
+    weak = {**GOOD, "candidate": system(0.45, (0.35, 0.55))}  # right on under half of the calls
+    assert not decide(weak, 0.9, 10)["passed"]
+    verdict = decide(weak, 0.9, 10, selective=selective_block())
+    assert verdict["passed"] and verdict["selective"], verdict["reasons"]
+    uncertified = decide(weak, 0.9, 10, selective=selective_block(threshold=None))
+    assert not uncertified["passed"] and "no confidence threshold certified" in uncertified["reasons"][0]
+    refuted = decide(weak, 0.9, 10, selective=selective_block(accepted=60, right=45))
+    assert not refuted["passed"] and "refutes the certificate" in refuted["reasons"][0]
+    none_taken = decide(weak, 0.9, 10, selective=selective_block(accepted=0, right=0))
+    assert not none_taken["passed"] and "coverage 0" in none_taken["reasons"][0]
+    from flywheel.evaluate.calibrate import gate_reasons
+
+    assert gate_reasons(None) and not decide(weak, 0.9, 10, selective={})["passed"]  # fails closed
+    # the other rules still hold under selective serving
+    partial = decide({**weak, "n_expected": 300}, 0.9, 10, selective=selective_block())
+    assert not partial["passed"] and any("partial results" in r for r in partial["reasons"])
+
+
+def test_the_gate_reads_a_configured_metric():
+    rows = {**GOOD, "candidate": {**system(), "function_name_accuracy": 0.5, "function_name_accuracy_ci": [0.4, 0.6]},
+            "teacher": {**system(1.0, (1.0, 1.0)), "function_name_accuracy": 1.0}}
+    assert decide(rows, 0.9, 10)["passed"] and decide(rows, 0.9, 10)["metric"] == "name_args_accuracy"
+    assert not decide(rows, 0.9, 10, metric="function_name_accuracy")["passed"]
 
 
 def test_production_and_the_gated_candidate_decode_under_the_grammars():

@@ -221,7 +221,7 @@ def _status_home(store: Store, adapter) -> None:
 def test_status_rows_and_pages(store, tmp_path):
     _status_home(store, tmp_path / "adapter")
     flights, hotels = status_rows(store, ["sgd_Flights", "sgd_Hotels"])
-    assert flights["route"] == {"backend": "student", "model": "sgd_Flights@v2", "reason": "production adapter",
+    assert flights["route"] == {"backend": "student", "mode": "student", "model": "sgd_Flights@v2", "reason": "production adapter",
                                 "since": 0.0}
     q = flights["production"]
     assert (q["version"], q["metric"], q["value"], q["ci"], q["teacher"]) == \

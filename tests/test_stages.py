@@ -110,7 +110,15 @@ def test_evaluate_scores_gates_and_refuses_to_promote_a_bad_student(curated, sto
     assert Registry(store).get("sgd_Flights", "v1")["scores"]["gate"] is False
     # gated as Serve decodes it: under each request's grammar; those are the scores the registry keeps
     assert rep["gated"] == rep["gate"]["system"] == "candidate_constrained"
-    assert rep["gate"]["candidate"] == rep["candidate_constrained"]["function_name_accuracy"]
+    assert rep["gate"]["candidate"] == rep["candidate_constrained"]["name_args_accuracy"]
+    # selective serving: a random model certifies no threshold, and the gate says why; the registry keeps it
+    block = rep["selective"]
+    assert block["certificate"]["threshold"] is None and "45" in block["certificate"]["reason"]
+    assert any("no confidence threshold certified" in r for r in rep["gate"]["reasons"])
+    assert block["test"]["n_test"] == rep["n_expected"] and set(block["rankers"]["test"]) == {"min", "product",
+                                                                                             "mean", "values"}
+    kept = Registry(store).get("sgd_Flights", "v1")["selective"]
+    assert kept["threshold"] is None and kept["target"] == 0.95 and kept["delta"] == 0.1
     kept = Registry(store).get("sgd_Flights", "v1")["scores"]
     assert kept["valid_call"] == rep["candidate_constrained"]["valid_call"]
     # side by side, each metric with its bootstrap interval; latency and measured cost

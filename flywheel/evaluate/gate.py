@@ -67,13 +67,15 @@ def _whole(name: str, n: Any, expected: Any, min_examples: int, reasons: list[st
 
 
 def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, max_regression: float = 0.0,
-           candidate: str = "candidate") -> dict:
+           candidate: str = "candidate", metric: str = "", selective: dict | None = None) -> dict:
     """`report` = {"task", "n_expected", `candidate`, "teacher", "production" (absent or None: no production)};
     each system is {<metric>: x, "<metric>_ci": [lo, hi], "n": k}. `candidate` names the row to gate: the
-    candidate decoded as Serve will decode it. Returns {"passed", "reasons", "system", ...figures}."""
+    candidate decoded as Serve will decode it; `metric` the gated metric (empty: the task's primary).
+    `selective` (the report's selective block) replaces rule 1 with the certificate's rules
+    (`calibrate.gate_reasons`). Returns {"passed", "reasons", "system", ...figures}."""
     if not isinstance(report, dict):
         return {"passed": False, "reasons": ["no evaluation report"]}
-    metric = PRIMARY.get(report.get("task"))
+    metric = metric or PRIMARY.get(report.get("task"))
     if metric is None:
         return {"passed": False, "reasons": [f"unknown task {report.get('task')!r}"]}
     reasons: list[str] = []
@@ -85,7 +87,11 @@ def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, 
         _whole("teacher", t_n, expected, min_examples, reasons)
     lower = lower_bound(metric, c, c_ci, n) if c is not None and c_ci and isinstance(n, int) else None
     threshold = None if t is None else min_share_of_teacher * t
-    if lower is not None and threshold is not None and lower < threshold:
+    if selective is not None:
+        from flywheel.evaluate.calibrate import gate_reasons
+
+        reasons += gate_reasons(selective)
+    elif lower is not None and threshold is not None and lower < threshold:
         reasons.append(f"candidate {metric} lower bound {lower:.3f} (point {c:.3f}) < {min_share_of_teacher:.2f} x "
                        f"teacher {t:.3f} = {threshold:.3f}")
     p = p_ci = None
@@ -100,4 +106,4 @@ def decide(report: dict | None, min_share_of_teacher: float, min_examples: int, 
     return {"passed": not reasons, "metric": metric, "system": candidate, "candidate": c,
             "candidate_ci": list(c_ci) if c_ci else None, "candidate_lower": lower, "teacher": t,
             "threshold": threshold, "production": p, "production_lower": p_ci[0] if p_ci else None,
-            "max_regression": max_regression, "reasons": reasons}
+            "max_regression": max_regression, "selective": selective is not None, "reasons": reasons}

@@ -210,22 +210,50 @@ def _systems(cfg: EvaluateConfig, examples: list[dict], engine, prompts: dict[st
     return systems
 
 
+def _load(cfg: EvaluateConfig, store: Store, registry, engine, entry: dict) -> str:
+    """The engine's name for a registry entry's adapter, loaded."""
+    adapter = f"{cfg.agent}@{entry['version']}"
+    engine.load_adapter(adapter, registry.adapter_path(entry) if store.local else
+                        store.local_copy(entry["adapter"], f"/tmp/flywheel-adapters/{adapter}"))
+    return adapter
+
+
 def _run_systems(cfg: EvaluateConfig, store: Store, registry, engine, systems: list, task: str,
-                 expected: list[dict], tools: list[list[dict]], examples: list[dict], bar) -> tuple[dict, dict]:
-    """Generate and score every system: (rows by system, the first answers of each)."""
-    rows, samples = {"teacher": system_row(task, expected, expected, tools, cfg)}, {}
+                 expected: list[dict], tools: list[list[dict]], examples: list[dict], bar) -> tuple[dict, dict, dict]:
+    """Generate and score every system: (rows by system, the first answers of each, each system's run)."""
+    rows, samples, runs = {"teacher": system_row(task, expected, expected, tools, cfg)}, {}, {}
     for name, system_prompts, entry, constraints in systems:
-        adapter = None
-        if entry is not None:
-            adapter = f"{cfg.agent}@{entry['version']}"
-            engine.load_adapter(adapter, registry.adapter_path(entry) if store.local else
-                                store.local_copy(entry["adapter"], f"/tmp/flywheel-adapters/{adapter}"))
+        adapter = _load(cfg, store, registry, engine, entry) if entry is not None else None
         run = generate_answers(engine, system_prompts, adapter, cfg.batch_size, cfg.max_new_tokens, bar, constraints)
         rows[name] = system_row(task, expected, run["answers"], tools, cfg, run)
         if task == "text" and cfg.judge_url:
             rows[name] |= judge_row(cfg, examples, run["answers"])
-        samples[name] = run["answers"][:3]
-    return rows, samples
+        samples[name], runs[name] = run["answers"][:3], run
+    return rows, samples, runs
+
+
+def _selective(cfg: EvaluateConfig, store: Store, registry, engine, candidate: dict, test, task: str,
+               expected: list[dict], tools: list[list[dict]], run: dict, cost: dict) -> dict | None:
+    """The selective-serving block (`calibrate.selective_block`) for the gated row, None where it does not apply
+    (switched off, or a free-text agent)."""
+    from flywheel.datasets import VALIDATION, open_split
+    from flywheel.evaluate.calibrate import EXACT, selective_block
+
+    if not cfg.selective or task not in EXACT:
+        return None
+    try:
+        validation = [e for e in open_split(store, cfg.agent, test.version, VALIDATION).rows() if e["task"] == task]
+    except FileNotFoundError:  # a version curated before the validation split: nothing to calibrate on
+        validation = []
+    adapter = _load(cfg, store, registry, engine, candidate)
+
+    def decode(examples: list[dict]) -> dict:
+        prompts = _prompts(cfg, examples, [], engine, tool_format(candidate))["base"]
+        grammars = _constraints([json.loads(e.get("tools_json") or "[]") for e in examples]) \
+            if cfg.constrained else None
+        return generate_answers(engine, prompts, adapter, cfg.batch_size, cfg.max_new_tokens, None, grammars)
+
+    return selective_block(cfg, task, validation, decode, expected, run, tools, cost)
 
 
 def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progress: bool = False) -> dict:
@@ -252,7 +280,7 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
         from tqdm import tqdm
 
         bar = tqdm(total=len(systems) * len(examples), desc=f"evaluate {cfg.agent}", unit="answer")
-    rows, samples = _run_systems(cfg, store, registry, engine, systems, task, expected, tools, examples, bar)
+    rows, samples, runs = _run_systems(cfg, store, registry, engine, systems, task, expected, tools, examples, bar)
     if bar is not None:
         bar.close()
     gated = "candidate_constrained" if cfg.constrained else "candidate"  # the candidate as Serve decodes it
@@ -260,7 +288,9 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
         rows["candidate_constrained"], samples["candidate_constrained"] = rows["candidate"], samples["candidate"]
     if production is not None and production["version"] == candidate["version"]:
         rows["production"] = rows[gated]
-    report = {"agent": cfg.agent, "task": task, "metric": PRIMARY[task], "metrics": list(METRICS[task]),
+    cost = cost_summary(store, examples, engine, cfg, rows["candidate"])
+    gated_run = runs.get(gated) or runs["candidate"]
+    report = {"agent": cfg.agent, "task": task, "metric": cfg.metric or PRIMARY[task], "metrics": list(METRICS[task]),
               "dataset_version": test.version, "split": test.name, "legacy_dataset": test.legacy,
               "candidate_version": candidate["version"], "gated": gated, "tool_format": tool_format(candidate),
               "base_model": cfg.base_model, "production_version": production["version"] if production else None,
@@ -271,7 +301,9 @@ def evaluate(cfg: EvaluateConfig, store: Store | None = None, engine=None, progr
               "constrained": {"examples_with_grammar": sum(c is not None for c in constraints),
                               "decoded": "candidate_constrained" in [s[0] for s in systems]} if cfg.constrained
               else None,
-              "cost": cost_summary(store, examples, engine, cfg, rows["candidate"]),
+              "cost": cost,
+              "selective": _selective(cfg, store, registry, engine, candidate, test, task, expected, tools,
+                                      gated_run, cost),
               "judge": {"url": cfg.judge_url, "model": cfg.judge_model or cfg.agent} if task == "text" and
               cfg.judge_url else None,
               "bootstrap": {"n_boot": cfg.n_boot, "level": cfg.ci_level, "seed": cfg.seed},
@@ -284,10 +316,13 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
     """The gate on the candidate's test scores; promotion when asked and passed; scores, report and tracking."""
     from flywheel import tracking
     from flywheel.evaluate.gate import decide
-    from flywheel.routing import STUDENT, set_route
+    from flywheel.evaluate.calibrate import registry_certificate
+    from flywheel.routing import promoted_mode, set_route
 
     report["gate"] = decide(report, cfg.min_share_of_teacher, cfg.min_examples, cfg.max_regression,
-                            report["gated"])
+                            report["gated"], report["metric"], report["selective"] if cfg.selective else None)
+    if report["selective"] is not None:
+        registry.record_certificate(cfg.agent, candidate["version"], registry_certificate(report["selective"]))
     report["promoted"] = False
     refused = not_servable(candidate)
     if cfg.promote and report["gate"]["passed"] and refused:
@@ -297,10 +332,12 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
                          expected=production["version"] if production else None,
                          reason=f"gate passed: {report['gate']['metric']} lower bound "
                                 f"{report['gate']['candidate_lower']:.3f}")
-        set_route(store, cfg.agent, STUDENT, reason=f"promoted {candidate['version']}")
+        set_route(store, cfg.agent, promoted_mode(registry.get(cfg.agent, candidate["version"])),
+                  reason=f"promoted {candidate['version']}")
         report["promoted"] = True
     registry.record_scores(cfg.agent, candidate["version"],
-                           dict(report[report["gated"]]) | {"gate": report["gate"]["passed"]})
+                           dict(report[report["gated"]]) | {"gate": report["gate"]["passed"],
+                                                            "metric": report["metric"]})
     prefix = f"reports/{cfg.agent}/{candidate['version']}"
     store.write_json(f"{prefix}/eval.json", report)
     text = markdown(report)
@@ -326,6 +363,8 @@ def _money(x) -> str:
 
 
 def markdown(report: dict) -> str:
+    from flywheel.evaluate.calibrate import markdown as selective_markdown
+
     metrics = report.get("metrics") or [report["metric"]]
     judged = report.get("judge") is not None
     cols = metrics + ["valid call"] + (["judge 1-5 (judged / unparseable / errors)"] if judged else []) + \
@@ -347,6 +386,8 @@ def markdown(report: dict) -> str:
     gate, cost, gated = report["gate"], report["cost"], report.get("gated", "candidate")
     verdict = "PASSED" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
     ratio = cost.get("teacher_over_student")
+    rule = ("a confidence threshold certified on validation that the test split does not refute"
+            if gate.get("selective") else "lower bound >= share x teacher")
     split = f"its {report.get('split', 'test')} split" + (" (a train/eval version: its eval file)"
                                                           if report.get("legacy_dataset") else "")
     return (f"# Evaluation: {report['agent']} {report['candidate_version']}\n\n"
@@ -362,6 +403,7 @@ def markdown(report: dict) -> str:
             f"teacher {_money(cost['teacher_per_1k_usd'])} ({cost['teacher_basis']}; token counts "
             f"{cost['teacher_token_counts']}); the teacher costs "
             f"{'-' if ratio is None else f'{ratio:.1f}x'} the student.\n\n"
-            f"Gate ({gate.get('metric')} of `{gated}`, the candidate as Serve decodes it: lower bound >= share x "
-            f"teacher, no regression of production): {verdict}\n\nPromoted: {report['promoted']}\n\n"
+            f"Gate ({gate.get('metric')} of `{gated}`, the candidate as Serve decodes it: {rule}, no regression "
+            f"of production): {verdict}\n\nPromoted: {report['promoted']}\n\n"
+            f"{selective_markdown(report.get('selective'))}\n"
             f"Sample `{gated}` answers:\n\n```json\n{json.dumps(report['samples'].get(gated), indent=1)}\n```\n")

@@ -257,6 +257,15 @@ def _cycle_cell(row: dict) -> str:
             f'<div class="muted">{e(_when(last.get("at")))}: {e(detail)}</div>')
 
 
+def _certificate_cell(cert: dict | None) -> str:
+    """A selective route's certificate: threshold, target, delta and the coverage it certified."""
+    if not cert or cert.get("threshold") is None:
+        return ""
+    return (f'<div class="muted certificate">threshold {_num(cert["threshold"])}: exact &ge; '
+            f'{_num(cert.get("target"))} '
+            f'w.p. &ge; {_num(1 - (cert.get("delta") or 0))}, coverage {_num(cert.get("coverage"))}</div>')
+
+
 def status_row_html(row: dict) -> str:
     route = row["route"]
     tag = "ok" if route["backend"] == "student" else "warn"
@@ -266,8 +275,9 @@ def status_row_html(row: dict) -> str:
     last_share = f' · last share {_num(series[-1]["share"])} ({e(_when(series[-1]["at"]))})' if series else ""
     retrain = "".join(f'<div class="muted">{e(q.get("reason"))}</div>' for q in row["retrain"])
     return (f'<tr class="agent" id="agent-{e(row["agent"])}"><td><b>{e(row["agent"])}</b></td>'
-            f'<td><span class="tag {tag}">{e(route["backend"])}</span>{e(route.get("model") or "")}'
-            f'<div class="muted">{e(route.get("reason"))}</div></td>'
+            f'<td><span class="tag {tag}">{e(route.get("mode") or route["backend"])}</span>'
+            f'{e(route.get("model") or "")}'
+            f'<div class="muted">{e(route.get("reason"))}</div>{_certificate_cell(route.get("certificate"))}</td>'
             f'<td>{_quality_cell(row.get("production"))}</td><td>{_cost_cell(row.get("cost"))}</td>'
             f'<td><span class="tag {drift_tag}">{e(drift["state"])}</span><div class="muted">'
             f'{len(drift["events"])} drift event(s){last_share}</div></td>'

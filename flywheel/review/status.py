@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from flywheel.metrics import PRIMARY
+from flywheel.metrics import METRICS, PRIMARY
 from flywheel.registry.registry import Registry
-from flywheel.routing import STUDENT, TEACHER, get_route, retrain_queue
+from flywheel.routing import TEACHER, get_route, resolve, retrain_queue
 from flywheel.storage import Store
 
 DRIFT_EVENTS, CONTROLLER_EVENTS = "monitor/events", "controller/events"
@@ -52,21 +52,27 @@ def _events(store: Store, folder: str, agent: str) -> list[dict]:
 
 
 def backend(store: Store, agent: str, production: dict | None) -> dict:
-    """Who answers the agent now, resolved as the Serve app does (`flywheel.serve.catalog.route_of`)."""
+    """Who answers the agent now, resolved as the Serve app does (`flywheel.routing.resolve`), with the production
+    version's certificate (threshold, target, certified coverage) when it is served selectively."""
     route = get_route(store, agent)
-    if route.get("mode") == TEACHER:
-        return {"backend": TEACHER, "model": None, "reason": f"routed to the teacher: {route.get('reason')}",
-                "since": route.get("since")}
-    if production is None:
-        return {"backend": TEACHER, "model": None, "reason": "no production adapter yet", "since": route.get("since")}
-    return {"backend": STUDENT, "model": f"{agent}@{production['version']}", "reason": "production adapter",
-            "since": route.get("since")}
+    mode = route.get("mode") if store.exists(f"routing/{agent}.json") else None
+    certificate = (production or {}).get("selective")
+    answer = resolve(agent, mode, str(route.get("reason") or ""), (production or {}).get("version"), certificate)
+    out = {k: answer[k] for k in ("backend", "mode", "model", "reason")} | {"since": route.get("since")}
+    if answer["mode"] in ("selective", "shadow") and isinstance(certificate, dict):
+        out["certificate"] = {k: certificate.get(k) for k in ("threshold", "target", "delta", "coverage")}
+    return out
 
 
 def _metric(scores: dict, report: dict | None) -> str | None:
+    """The metric a version was gated on: its report's, its scores' (`metric`), else the first known one it has
+    (versions scored before the gate read name + arguments carry function-name accuracy)."""
     if report and isinstance(report.get("metric"), str):
         return report["metric"]
-    return next((m for m in PRIMARY.values() if m in scores), None)
+    if isinstance(scores.get("metric"), str):
+        return scores["metric"]
+    known = [*PRIMARY.values(), *(m for names in METRICS.values() for m in names)]
+    return next((m for m in known if m in scores), None)
 
 
 def versions(store: Store, agent: str, production: str | None) -> list[dict]:

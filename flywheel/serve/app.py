@@ -566,8 +566,8 @@ class Ingress:
         if why is None:
             return await self._answer(call, draft, STUDENT, selective.served_extra(SELECTIVE, confidence, value,
                                                                                    route.threshold), headers)
-        extra = selective.deferred_extra(SELECTIVE, why, _message_of(draft), draft["system_fingerprint"], confidence, value,
-                                         route.threshold)
+        extra = selective.deferred_extra(SELECTIVE, why, _message_of(draft), draft["system_fingerprint"],
+                                         confidence, value, route.threshold)
         try:
             completion = await self._teacher_completion(call)
         except APIError as e:

@@ -34,7 +34,7 @@ from typing import Any
 
 from flywheel.ids import is_valid_id
 from flywheel.registry.registry import PRODUCTION
-from flywheel.routing import SELECTIVE, SHADOW, STUDENT, TEACHER
+from flywheel.routing import STUDENT, resolve
 from flywheel.storage import Store
 
 logger = logging.getLogger("ray.serve")
@@ -62,28 +62,14 @@ class Entry:
     production: str | None = None  # the registry's production version
     route: str | None = None  # the routing file's mode; None: no routing file (student once promoted)
     route_reason: str = ""
-    certificate: dict | None = field(default=None, compare=True)  # the production version's `selective` entry
+    certificate: dict | None = None  # the production version's `selective` entry (its certified threshold)
 
 
 def route_of(entry: Entry) -> Route:
-    """Who answers the agent (the modes of `flywheel.routing`): its route file says teacher (drift), else its
+    """Who answers the agent (`flywheel.routing.resolve`): its route file says teacher (drift), else its
     production adapter (selective when certified, or as the route file says), else the teacher."""
-    if entry.route == TEACHER:
-        return Route(TEACHER, None, entry.tenant, f"its route is teacher: {entry.route_reason}", TEACHER)
-    if entry.production is None:
-        return Route(TEACHER, None, entry.tenant, "it has no production adapter yet", TEACHER)
-    model_id = f"{entry.agent}@{entry.production}"
-    certificate = entry.certificate or {}
-    threshold = certificate.get("threshold")
-    mode = entry.route or (SELECTIVE if threshold is not None else STUDENT)
-    if mode == SHADOW:
-        return Route(TEACHER, model_id, entry.tenant, "shadow: the student answers beside the teacher", SHADOW)
-    if mode == SELECTIVE and threshold is None:
-        return Route(TEACHER, None, entry.tenant, f"selective, but {model_id} has no certified threshold", TEACHER)
-    if mode == SELECTIVE:
-        return Route(STUDENT, model_id, entry.tenant, "production adapter, selective", SELECTIVE, float(threshold),
-                     str(certificate.get("aggregate") or "min"))
-    return Route(STUDENT, model_id, entry.tenant, "production adapter", STUDENT)
+    r = resolve(entry.agent, entry.route, entry.route_reason, entry.production, entry.certificate)
+    return Route(r["backend"], r["model"], entry.tenant, r["reason"], r["mode"], r["threshold"], r["aggregate"])
 
 
 @dataclass(frozen=True)
