@@ -146,3 +146,23 @@ def test_logprobs_are_returned_streamed_and_not(served, client):
     streamed = [t for ch in chunks for choice in ch.choices if choice.logprobs for t in choice.logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in content]
     assert [round(t.logprob, 4) for t in streamed] == [round(t.logprob, 4) for t in content]
+
+
+def test_a_feedback_event_moves_the_monitors_negative_feedback_rate(served, client):
+    import httpx
+
+    from flywheel.config import MonitorConfig
+    from flywheel.feedback_log import latest_scores
+    from flywheel.monitor.drift import with_feedback
+    from flywheel.monitor.features import live_features
+    from flywheel.monitor.quality import summary
+
+    ids = [client.chat.completions.with_raw_response.create(model="sgd_Plain", messages=ASK, max_tokens=3)
+           .headers["x-flywheel-record-id"] for _ in range(2)]
+    rows = [live_features(r) for r in LogStore(served.store).read_wal() if r["record_id"] in ids]
+    cfg = MonitorConfig(agent="sgd_Plain")
+    assert summary(with_feedback(rows, latest_scores(served.store, "sgd_Plain")), cfg)["n_feedback"] == 0
+    r = httpx.post(served.url + "/feedback", json={"record_id": ids[0], "rating": "down"}, timeout=30)
+    assert r.status_code == 200, r.text
+    after = summary(with_feedback(rows, latest_scores(served.store, "sgd_Plain")), cfg)
+    assert after["n_feedback"] == 1 and after["negative_feedback_rate"] == 1.0

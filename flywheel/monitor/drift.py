@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from flywheel import datasets, routing
 from flywheel.config import MonitorConfig
+from flywheel.feedback_log import latest_scores
 from flywheel.monitor import episodes, features, live, quality, stats
 from flywheel.schema import digest
 from flywheel.storage import Store
@@ -239,6 +240,11 @@ def export_metrics(agent: str, values: dict[str, float | None]) -> None:
 
 
 # -- the stage -------------------------------------------------------------------------------------------------------
+def with_feedback(window: list[dict], scores: dict[str, float]) -> list[dict]:
+    """The window's rows with each record's latest feedback event (`POST /v1/feedback` comes after the answer)."""
+    return [{**r, "feedback": scores[r["id"]]} if r.get("id") in scores else r for r in window]
+
+
 def check_drift(cfg: MonitorConfig, store: Store | None = None) -> dict:
     """One monitoring check of `cfg.agent`; see the module docstring. Initialises nothing (no Ray).
 
@@ -262,7 +268,8 @@ def check_drift(cfg: MonitorConfig, store: Store | None = None) -> dict:
         "agent": agent, "verdict": INSUFFICIENT, "drifted": bool(episode.get("active")), "window_drifted": None,
         "episode": episode.get("id") if episode.get("active") else None, "event": None, "retrain": None,
         "ended_episode": None, "drift_share": None, "pvalue": None, "drifted_features": [], "tests": {},
-        "quality": quality.summary(window, cfg), "n_reference": None, "n_live": len(window),
+        "quality": quality.summary(with_feedback(window, latest_scores(store, agent)), cfg), "n_reference": None,
+        "n_live": len(window),
         "n_distinct": len(stats.distinct(window)), "n_new": len(records), "report": None,
         "dataset_version": version,
         "read": {"parts": read["parts"], "wal": read["wal"], "footers": len(read["footers"])},  # what it opened

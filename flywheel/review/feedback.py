@@ -20,12 +20,12 @@ import time
 import uuid
 from typing import Any
 
+from flywheel.feedback_log import FEEDBACK, feedback_events, latest_scores  # noqa: F401  (queue reads the events)
 from flywheel.ids import check_id, is_valid_id
 from flywheel.review.records import find_record
 from flywheel.schema import Rejected, digest, normalise_message
 from flywheel.storage import Store
 
-FEEDBACK = "feedback"
 RATINGS = {"up": 1, "down": -1}
 MAX_COMMENT_CHARS = 4000
 
@@ -95,22 +95,6 @@ def record_feedback(store: Store, record_id: Any, tenant: str | None, rating: An
     return event
 
 
-def feedback_events(store: Store, agent: str, after_ms: int = 0) -> list[dict]:
-    """The agent's feedback events (oldest first), those stamped at or after `after_ms` when given."""
-    out = []
-    for name in store.list(f"{FEEDBACK}/{check_id('agent id', agent)}"):
-        stamp = name.split("-", 1)[0]
-        if not name.endswith(".json") or not stamp.isdigit() or int(stamp) < after_ms:
-            continue
-        event = store.read_json(f"{FEEDBACK}/{agent}/{name}")
-        if isinstance(event, dict) and event.get("record_id"):
-            out.append(event)
-    return sorted(out, key=lambda e: (e.get("at") or 0.0, e.get("event_id") or ""))
-
-
 def negative_records(store: Store, agent: str) -> set[str]:
     """Records whose latest feedback is a thumbs down: curation should set them aside (`negative_feedback`)."""
-    latest: dict[str, dict] = {}
-    for e in feedback_events(store, agent):
-        latest[e["record_id"]] = e
-    return {rid for rid, e in latest.items() if e.get("score", 0) < 0}
+    return {rid for rid, score in latest_scores(store, agent).items() if score < 0}
