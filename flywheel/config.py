@@ -601,7 +601,7 @@ class DemoConfig:
     # (0.95 needs >= 45 accepted records without an error: more decoding than the demo's time allows); production
     # uses EvaluateConfig.selective_target (0.95) on the whole validation split.
     selective_target: float = 0.8
-    calibration_examples: int = 120
+    calibration_examples: int = 80
     port: int = 8000
     fresh: bool = True  # start from an empty home
 

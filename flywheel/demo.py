@@ -3,10 +3,12 @@
     make demo            # sets up .venv and the student once, then runs this
     flywheel demo --agents sgd_Flights,sgd_Restaurants --max-steps 40
 
-ingest the shipped SGD agent logs -> curate (Ray Data) -> distill a LoRA per agent (Ray Train, 2 workers) ->
-evaluate teacher vs base vs distilled on held-out traffic -> gate and promote -> serve (Ray Serve,
-OpenAI-compatible) -> answer held-out requests with the official `openai` client -> drift check on shifted
-traffic -> a closing summary. Bounded by `--max-steps` so it finishes in about 15 minutes on 2 cores.
+ingest the shipped SGD agent logs (dev and train splits) -> curate (Ray Data) -> distill a LoRA per agent (Ray
+Train, 2 workers) -> evaluate teacher vs base vs distilled on held-out traffic, certify a confidence threshold on
+the validation split -> gate and promote -> serve selectively (Ray Serve, OpenAI-compatible; a stand-in teacher
+replays the logged teacher answers for the requests the student defers) -> answer held-out requests with the
+official `openai` client -> drift check on shifted traffic -> a closing summary. Bounded by `--max-steps` and
+`--calibration-examples`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,50 @@ def _shifted_requests(logs: str, exclude: set[str], n: int) -> list[dict]:
     return out
 
 
+def _logged_answers(logs: str) -> dict[str, dict]:
+    """The teacher's logged answer to each logged request, keyed by its last user turn (the stand-in teacher)."""
+    answers = {}
+    with open(logs) as f:
+        for line in f:
+            rec = json.loads(line)
+            users = [m for m in rec["request"]["messages"] if m.get("role") == "user"]
+            if users:
+                answers[users[-1]["content"]] = rec["response"]["choices"][0]["message"]
+    return answers
+
+
+def replay_teacher(answers: dict[str, dict]) -> tuple[Any, str]:
+    """A real OpenAI-compatible HTTP server on 127.0.0.1 standing in for the teacher: it answers each request with
+    the logged teacher answer to the same last user turn. (uvicorn server, base URL)."""
+    import socket
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()
+
+    async def chat(request: Request) -> dict:
+        body = await request.json()
+        users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+        message = answers.get(users[-1]["content"] if users else "", {"role": "assistant",
+                                                                       "content": "Could you tell me more?"})
+        return {"id": "chatcmpl-replay", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model"), "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}]}
+
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
 def _drift_check(cfg: DemoConfig, store: Store, client, logs: str, drift_agent: str) -> tuple[dict, dict, dict]:
     from flywheel.monitor.drift import check_drift
     from flywheel.routing import get_route, retrain_queue
@@ -111,10 +157,9 @@ def _drift_check(cfg: DemoConfig, store: Store, client, logs: str, drift_agent: 
           f"(drift share {shifted.get('drift_share')}); drifted: {shifted.get('drifted_features')}")
     print(f"route now: {route['mode']} ({route['reason']}); retrain queue: "
           f"{[q['agent'] for q in retrain_queue(store)]}; report {shifted.get('report')}")
-    try:
-        client.chat.completions.create(model=drift_agent, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
-    except Exception as e:  # no teacher is configured in the demo: Serve says so instead of hanging
-        print(f"{drift_agent} now goes to the teacher; none is configured here, so Serve answers: {e}")
+    raw = client.chat.completions.with_raw_response.create(model=drift_agent, max_tokens=8,
+                                                           messages=[{"role": "user", "content": "hi"}])
+    print(f"{drift_agent} now goes to the teacher: x-flywheel-backend {raw.headers.get('x-flywheel-backend')}")
     return calm, shifted, route
 
 
@@ -125,9 +170,11 @@ def demo(cfg: DemoConfig) -> dict:
     store = Store(cfg.home)
     os.environ["FLYWHEEL_HOME"] = store.uri
     logs = cfg.logs or os.path.join(PACKAGE_DATA, "sgd", "sgd_dev_flywheel_logs.jsonl")
+    more = [] if cfg.logs else [os.path.join(PACKAGE_DATA, "sgd", "sgd_train_flywheel_logs.jsonl.gz")]
     _start_ray()
     timings: dict[str, float] = {}
-    _ingest(store, logs, timings)
+    for path in [logs, *more]:
+        _ingest(store, path, timings)
     _curate(cfg, store, timings)
     _distill(cfg, store, timings)
     reports = _evaluate(cfg, store, timings)
@@ -158,7 +205,7 @@ def _ingest(store: Store, logs: str, timings: dict) -> None:
     say(f"1/7 ingest {logs} into {store.uri}")
     t = time.time()
     ing = ingest_file(store, logs)
-    timings["ingest"] = time.time() - t
+    timings[f"ingest {os.path.basename(logs)}"] = time.time() - t
     print(f"{ing['accepted']} records accepted, {ing['quarantined']} quarantined, {len(ing['agents'])} agents")
 
 
@@ -205,7 +252,8 @@ def _evaluate(cfg: DemoConfig, store: Store, timings: dict) -> dict[str, dict]:
         rep = evaluate(EvaluateConfig(agent=agent, base_model=cfg.base_model, max_examples=cfg.eval_examples,
                                       max_new_tokens=cfg.max_new_tokens, promote=True,
                                       min_share_of_teacher=cfg.min_share_of_teacher,
-                                      min_examples=min(10, cfg.eval_examples)),
+                                      min_examples=min(10, cfg.eval_examples), selective_target=cfg.selective_target,
+                                      max_calibration_examples=cfg.calibration_examples),
                        store, engine=engine, progress=True)
         timings[f"evaluate {agent}"] = time.time() - t
         reports[agent] = rep
@@ -215,13 +263,25 @@ def _evaluate(cfg: DemoConfig, store: Store, timings: dict) -> dict[str, dict]:
             rows.append([agent, label, f"{r['function_name_accuracy']:.2f}", f"{r['name_args_accuracy']:.2f}",
                          f"{r['slot_f1']:.2f}", _num(r.get("valid_call")), r.get("s_per_request") or "-"])
     print(text_table(rows, ["agent", "system", "function name", "name+args", "slot F1", "valid call", "s/request"]))
+    print(text_table([_selective_row(a, rep) for a, rep in reports.items()],
+                     ["agent", "threshold", "validation coverage", "test coverage", "test accepted accuracy",
+                      "cascade exact", "teacher cost saved"]))
     for agent, rep in reports.items():
         gate = rep["gate"]
-        print(f"{agent}: gate {'PASSED' if gate['passed'] else 'FAILED'} "
-              f"({gate['metric']} lower bound {_num(gate.get('candidate_lower'))} vs threshold "
-              f"{_num(gate.get('threshold'))}); "
+        print(f"{agent}: gate {'PASSED' if gate['passed'] else 'FAILED'} ({'; '.join(gate['reasons']) or 'ok'}); "
               f"promoted={rep['promoted']}; report {rep['report']}")
     return reports
+
+
+def _selective_row(agent: str, rep: dict) -> list:
+    """One agent's certificate (validation) and its check on test, as the demo prints them."""
+    block = rep.get("selective") or {}
+    cert, test, cascade = block.get("certificate") or {}, block.get("test") or {}, block.get("cascade") or {}
+    ci = test.get("accepted_accuracy_ci")
+    return [agent, _num(cert.get("threshold")), f"{_num(cert.get('coverage'))} of {cert.get('n_calibration', 0)}",
+            f"{_num(test.get('coverage'))} ({test.get('accepted', 0)} of {test.get('n_test', 0)})",
+            f"{_num(test.get('accepted_accuracy'))}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""),
+            _num(cascade.get("cascade_accuracy")), _num(cascade.get("teacher_cost_saved"))]
 
 
 def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict) -> tuple[dict, dict]:
@@ -232,17 +292,17 @@ def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict) 
     from flywheel.serve.app import shutdown as serve_shutdown
 
     say(f"5/7 serve on Ray Serve at http://127.0.0.1:{cfg.port}/v1 and call it with the official openai client")
+    teacher, teacher_url = replay_teacher(_logged_answers(logs))
+    print(f"stand-in teacher at {teacher_url}: it replays the teacher's logged answer to each request")
     url = serve_run(ServeConfig(home=store.uri, base_model=cfg.base_model, port=cfg.port, replica_cpus=1.0,
-                                routing_ttl_s=0.5, blocking=False))
+                                routing_ttl_s=0.5, blocking=False, teacher_url=teacher_url))
     client = OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=120)
     print("models:", [m.id for m in client.models.list().data][:6], "...")
     promoted = [a for a in cfg.agents if reports[a]["promoted"]]
     answered = {}
     for agent in cfg.agents:
         if agent not in promoted:
-            print(f"{agent}: not promoted (the gate failed), so Serve sends it to the teacher; none is configured "
-                  "in the demo: train longer (--max-steps) to see its student answer")
-            continue
+            print(f"{agent}: not promoted (the gate failed), so the teacher answers all of its traffic")
         answered[agent] = _live_requests(cfg, store, client, agent, reports[agent]["dataset_version"])
 
     say("6/7 monitor: Evidently drift of live traffic against the training reference")
@@ -252,6 +312,7 @@ def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict) 
     else:
         calm, shifted, route = _drift_check(cfg, store, client, logs, promoted[0])
     serve_shutdown()
+    teacher.should_exit = True
     return answered, {"in_domain": calm.get("verdict"), "shifted": shifted.get("verdict"), "route": route["mode"]}
 
 
@@ -261,12 +322,14 @@ def _live_requests(cfg: DemoConfig, store: Store, client: Any, agent: str, versi
     from flywheel.schema import to_openai_message
 
     held_out = read_split(store, agent, version, TEST).to_pylist()
-    ok = 0
+    ok, backends = 0, {}
     for i, ex in enumerate(held_out[:cfg.live_requests]):
         msgs = [to_openai_message(m) for m in ex["messages"]]
-        resp = client.chat.completions.create(model=agent, messages=msgs, tools=json.loads(ex["tools_json"]),
-                                              max_tokens=96)
-        choice = resp.choices[0]
+        raw = client.chat.completions.with_raw_response.create(model=agent, messages=msgs,
+                                                               tools=json.loads(ex["tools_json"]), max_tokens=96)
+        who = raw.headers.get("x-flywheel-backend", "").split(":")[0]
+        backends[who] = backends.get(who, 0) + 1
+        choice = raw.parse().choices[0]
         got = [c.function.name for c in choice.message.tool_calls or []]
         want = [c["name"] for c in ex["target"]["tool_calls"] or []]
         ok += got == want
@@ -274,8 +337,8 @@ def _live_requests(cfg: DemoConfig, store: Store, client: Any, agent: str, versi
             print(f"{agent} <- {msgs[-1]['content']!r}")
             print(f"{agent} -> finish_reason={choice.finish_reason} tool_calls="
                   f"{[(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]}")
-    print(f"{agent}: {ok}/{cfg.live_requests} live answers call the teacher's function")
-    return {"requests": cfg.live_requests, "function_name_matches": ok}
+    print(f"{agent}: {ok}/{cfg.live_requests} live answers call the teacher's function; answered by {backends}")
+    return {"requests": cfg.live_requests, "function_name_matches": ok, "backends": backends}
 
 
 def _summary(cfg: DemoConfig, store: Store, reports: dict, answered: dict, drift: dict, timings: dict,
@@ -291,7 +354,9 @@ def _summary(cfg: DemoConfig, store: Store, reports: dict, answered: dict, drift
             "distilled_beats_base": better,
             "evaluation": {a: {s: reports[a][s] for s in ("teacher", "base", "candidate") if s in reports[a]}
                            for a in cfg.agents},
-            "promoted": {a: reports[a]["promoted"] for a in cfg.agents}, "live": answered, "drift": drift}
+            "promoted": {a: reports[a]["promoted"] for a in cfg.agents},
+            "selective": {a: _selective_row(a, reports[a])[1:] for a in cfg.agents}, "live": answered,
+            "drift": drift}
 
 if __name__ == "__main__":
     from flywheel.cli import main
