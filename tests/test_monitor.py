@@ -386,3 +386,18 @@ def test_gauges_are_skipped_without_ray_and_set_inside_ray(monkeypatch, ray_sess
     drift.export_metrics(AGENT, values)
     assert sorted(drift._GAUGES) == ["flywheel_drift_episode", "flywheel_drift_pvalue", "flywheel_drift_share"]
     assert all(g.info["tag_keys"] == ("agent",) for g in drift._GAUGES.values())
+
+
+def test_deferring_more_than_certified_counts_as_drift():
+    from flywheel.monitor.quality import deferral_shift
+
+    def rows(deferred: int, n: int = 40) -> list[dict]:
+        return [{"selective": True, "fallback": i < deferred} for i in range(n)] + [{"selective": False}] * 10
+
+    # certified coverage 0.6: 40% of selective requests are expected to go to the teacher
+    assert not deferral_shift(rows(16), 0.6, 0.01)["shifted"]
+    assert not deferral_shift(rows(22), 0.6, 0.01)["shifted"]  # within chance
+    shifted = deferral_shift(rows(30), 0.6, 0.01)
+    assert shifted["shifted"] and shifted["n"] == 40 and shifted["deferred"] == 30 and shifted["pvalue"] < 0.01
+    assert not deferral_shift(rows(40), None, 0.01)["shifted"]  # no certificate: no expectation
+    assert not deferral_shift(rows(9, n=9), 0.9, 0.01)["shifted"]  # too few selective requests to tell

@@ -33,27 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flywheel.metrics import wilson_lower
-
-
-def binom_cdf(k: int, n: int, p: float) -> float:
-    """Exact P(Binomial(n, p) <= k), summed in log space so that large n neither overflows nor underflows."""
-    if n < 0 or not 0.0 <= p <= 1.0:
-        raise ValueError(f"binom_cdf needs n >= 0 and p in [0, 1], got n={n}, p={p}")
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    if p == 0.0:
-        return 1.0
-    if p == 1.0:
-        return 0.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    log_n = math.lgamma(n + 1)
-    terms = [log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in terms))
+from flywheel.metrics import binom_cdf, wilson_lower  # noqa: F401  (binom_cdf: callers import it here too)
 
 
 def min_calibration_size(target: float, delta: float) -> int:

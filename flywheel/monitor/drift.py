@@ -240,6 +240,19 @@ def export_metrics(agent: str, values: dict[str, float | None]) -> None:
 
 
 # -- the stage -------------------------------------------------------------------------------------------------------
+def certified_coverage(store: Store, agent: str) -> float | None:
+    """The share of validation traffic the production version's certificate kept on the student, if it has one."""
+    from flywheel.registry.registry import Registry
+
+    try:
+        entry = Registry(store).alias(agent)
+    except Exception:  # an unreadable registry: no deferral check, the input tests still run
+        return None
+    certificate = (entry or {}).get("selective") or {}
+    coverage = certificate.get("coverage") if certificate.get("threshold") is not None else None
+    return float(coverage) if isinstance(coverage, (int, float)) and not isinstance(coverage, bool) else None
+
+
 def with_feedback(window: list[dict], scores: dict[str, float]) -> list[dict]:
     """The window's rows with each record's latest feedback event (`POST /v1/feedback` comes after the answer)."""
     return [{**r, "feedback": scores[r["id"]]} if r.get("id") in scores else r for r in window]
@@ -289,8 +302,11 @@ def check_drift(cfg: MonitorConfig, store: Store | None = None) -> dict:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
     state["evaluations"] += 1
     state["new"] = 0
+    deferrals = quality.deferral_shift(window, certified_coverage(store, agent), cfg.alpha)
+    if deferrals["shifted"]:  # the student defers more than it was certified to: calibration no longer holds
+        test = {**test, "drifted": True, "drifted_features": [*test["drifted_features"], quality.DEFERRAL_RATE]}
     result.update({k: test[k] for k in ("drift_share", "pvalue", "drifted_features", "tests", "n_reference")},
-                  window_drifted=test["drifted"], n_distinct=test["n_live"])
+                  window_drifted=test["drifted"], n_distinct=test["n_live"], deferrals=deferrals)
     if cfg.report == "always" or (cfg.report == "drift" and test["drifted"] and not episode.get("active")):
         result["report"] = save_report(store, agent, reference, window, stamp)
     state["history"] = [*state["history"], {

@@ -20,6 +20,7 @@ weak student is a quality finding, not a change in what users ask):
     invalid       why the answer is unusable (curation's reason codes: unknown_tool, bad_tool_arguments,
                   tool_schema_violation, empty_answer, refusal), or None
     fallback      the record says a student answer fell back to the teacher: `extra_json` {"fallback": ...} truthy
+    selective     the record was routed selectively (`extra_json` {"route": "selective"}): served or deferred
     feedback      the user's feedback (-1 .. 1) or None
     shadow        for shadow samples (`extra_json` {"shadow": {"model": ..., "response": <MESSAGE>}}: the other
                   backend's answer to the same request), whether the two answers agree: {"function": bool,
@@ -127,6 +128,7 @@ def quality_features(record: dict[str, Any]) -> dict[str, Any]:
     return {"backend": backend_kind(record.get("model")),
             "invalid": invalid_reason(record.get("tools_json"), record.get("response")),
             "fallback": bool(extra.get("fallback")),
+            "selective": extra.get("route") == "selective",
             "feedback": float(feedback) if feedback is not None else None,
             "shadow": agreement(record.get("response"), other) if isinstance(other, dict) else None}
 

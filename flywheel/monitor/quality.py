@@ -15,6 +15,11 @@ Rates are over every answered request in the window (repeats included: each answ
                             functions, and exactly the same calls; "no shadow samples" when there are none
 
 A rate past its limit in the config is a flag; feedback and agreement need `MIN_SAMPLES` records to flag.
+
+One quality signal does count as drift: `deferral_shift`. A selective agent's certificate says what share of its
+traffic the student kept on validation (its coverage); when the window's selectively routed requests are deferred
+to the teacher significantly more often than that (a one-sided exact binomial test at `alpha`), the traffic no
+longer looks like the calibration data, which is what the certificate assumed: the check reports drift.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 MIN_SAMPLES = 10
+DEFERRAL_RATE = "deferral_rate"  # the name a deferral shift gets among the drifted features
 NO_SHADOW = "no shadow samples"
 
 
@@ -60,3 +66,18 @@ def summary(rows: Sequence[dict[str, Any]], cfg) -> dict:
                      f"{cfg.min_teacher_agreement:.0%} on {len(shadows)} shadow samples")
     out["flags"], out["degraded"] = flags, bool(flags)
     return out
+
+
+def deferral_shift(rows: Sequence[dict[str, Any]], coverage: float | None, alpha: float) -> dict:
+    """Whether the window's selective requests are deferred more often than the certificate's coverage allows:
+    {"n", "deferred", "expected_rate", "pvalue", "shifted"} (never shifted without a coverage or MIN_SAMPLES)."""
+    from flywheel.metrics import binom_cdf
+
+    selective = [r for r in rows if r.get("selective")]
+    deferred = sum(bool(r.get("fallback")) for r in selective)
+    if coverage is None or len(selective) < MIN_SAMPLES:
+        return {"n": len(selective), "deferred": deferred, "expected_rate": None, "pvalue": None, "shifted": False}
+    expected = min(1.0, max(0.0, 1.0 - coverage))
+    pvalue = 1.0 - binom_cdf(deferred - 1, len(selective), expected)  # P(at least this many deferred)
+    return {"n": len(selective), "deferred": deferred, "expected_rate": round(expected, 4),
+            "pvalue": pvalue, "shifted": pvalue < alpha}
