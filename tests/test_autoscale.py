@@ -389,3 +389,23 @@ def test_a_hot_agent_overflows_to_a_second_student_replica(ray_session, tiny_mod
     assert {status for status, _ in answers} == {200}
     replicas = {replica for _, replica in answers}
     assert "" not in replicas and len(replicas) == 2, sorted(replicas)
+
+
+def test_deferred_requests_of_a_selective_agent_load_the_teacher():
+    from flywheel.serve.autoscale import TrafficWindow, read_report, report
+
+    now = [1000.0]
+    window = TrafficWindow(30.0, clock=lambda: now[0])
+    for i in range(10):
+        window.arrived("sgd_Flights")
+        if i < 4:
+            window.deferred("sgd_Flights")
+        window.arrived("sgd_Hotels")
+    shares = window.deferral_shares()
+    assert shares == {"sgd_Flights": 0.4}
+    figures = report(window.rates(), {"sgd_Flights": ("student", False), "sgd_Hotels": ("teacher", False)}, {},
+                     top=5, deferred=shares)
+    assert figures["teacher/sgd_Flights"] == 0.4 and figures["teacher/sgd_Hotels"] == 1.0
+    assert read_report(figures).teacher_share == pytest.approx(0.5 * 0.4 + 0.5 * 1.0)
+    now[0] += 60  # out of the window
+    assert window.deferral_shares() == {}

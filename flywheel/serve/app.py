@@ -279,7 +279,8 @@ class Ingress:
             entry = snapshot.get(agent)
             if entry is not None:
                 routes[agent] = (route_of(entry).backend, entry.route == TEACHER)
-        figures = report(rates, routes, self.traffic.latency(), self.cfg.autoscale_top_agents)
+        figures = report(rates, routes, self.traffic.latency(), self.cfg.autoscale_top_agents,
+                         self.traffic.deferral_shares())
         self.gauges.set(figures)
         await self._publish_hot(hot_agents(rates, routes, self.cfg.prewarm_hot_agents))
         return figures
@@ -563,6 +564,8 @@ class Ingress:
         headers = {"x-flywheel-replica": first.get("replica", ""),
                    "x-flywheel-confidence": "" if value is None else f"{value:.4f}"}
         self.metrics.selective(call.req.model, why or "served")
+        if why is not None:
+            self.traffic.deferred(call.req.model)
         if why is None:
             return await self._answer(call, draft, STUDENT, selective.served_extra(SELECTIVE, confidence, value,
                                                                                    route.threshold), headers)

@@ -75,17 +75,18 @@ SCALING_FIELDS = ("num_replicas", "ingress_min_replicas", "ingress_max_replicas"
 
 # -- what one Ingress replica saw -----------------------------------------------------------------------------
 class TrafficWindow:
-    """Requests per agent and answer seconds per backend over the last `window_s`, in one-second buckets."""
+    """Requests per agent, answer seconds per backend and requests a selective student deferred to the teacher,
+    over the last `window_s`, in one-second buckets."""
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic):
         self.window_s, self.clock = window_s, clock
         self.started = clock()
-        self._buckets: deque[tuple[int, Counter, dict[str, list[float]]]] = deque()
+        self._buckets: deque[tuple[int, Counter, dict[str, list[float]], Counter]] = deque()
 
-    def _bucket(self, now: float) -> tuple[int, Counter, dict[str, list[float]]]:
+    def _bucket(self, now: float) -> tuple[int, Counter, dict[str, list[float]], Counter]:
         second = int(now)
         if not self._buckets or self._buckets[-1][0] != second:
-            self._buckets.append((second, Counter(), {}))
+            self._buckets.append((second, Counter(), {}, Counter()))
         self._prune(now)
         return self._buckets[-1]
 
@@ -95,6 +96,19 @@ class TrafficWindow:
 
     def arrived(self, agent: str) -> None:
         self._bucket(self.clock())[1][agent] += 1
+
+    def deferred(self, agent: str) -> None:
+        """A request of a selective agent that the student passed to the teacher."""
+        self._bucket(self.clock())[3][agent] += 1
+
+    def deferral_shares(self) -> dict[str, float]:
+        """Per agent with deferrals in the window: the share of its requests the teacher answered instead."""
+        self._prune(self.clock())
+        arrived, deferred = Counter(), Counter()
+        for _, bucket, _, passed in self._buckets:
+            arrived.update(bucket)
+            deferred.update(passed)
+        return {agent: min(1.0, n / arrived[agent]) for agent, n in deferred.items() if arrived[agent]}
 
     def answered(self, backend: str, seconds: float) -> None:
         total = self._bucket(self.clock())[2].setdefault(backend, [0.0, 0])
@@ -107,7 +121,7 @@ class TrafficWindow:
         self._prune(now)
         span = max(1.0, min(self.window_s, now - self.started))
         counts: Counter = Counter()
-        for _, bucket, _ in self._buckets:
+        for _, bucket, _, _ in self._buckets:
             counts.update(bucket)
         return {agent: n / span for agent, n in counts.items()}
 
@@ -115,7 +129,7 @@ class TrafficWindow:
         """Mean answer seconds per backend over the window (backends without answers are left out)."""
         self._prune(self.clock())
         sums: dict[str, list[float]] = {}
-        for _, _, answers in self._buckets:
+        for _, _, answers, _ in self._buckets:
             for backend, (seconds, n) in answers.items():
                 total = sums.setdefault(backend, [0.0, 0])
                 total[0] += seconds
@@ -124,11 +138,13 @@ class TrafficWindow:
 
 
 def report(rates: Mapping[str, float], routes: Mapping[str, tuple[str, bool]], latency: Mapping[str, float],
-           top: int) -> dict[str, float]:
+           top: int, deferred: Mapping[str, float] | None = None) -> dict[str, float]:
     """One Ingress replica's figures for the policy and the gauges (`record_autoscaling_stats` returns them).
 
-    `routes`: agent -> (backend now, routed to the teacher by its route file). Keys: `rate`; `share/<agent>`,
-    `teacher/<agent>` (1 or 0), `drift/<agent>` (1 or 0) for the `top` busiest agents; `rest/share`,
+    `routes`: agent -> (backend now, routed to the teacher by its route file); `deferred`: agent -> the share of a
+    selective student agent's requests the teacher answered (they load the teacher too). Keys: `rate`;
+    `share/<agent>`, `teacher/<agent>` (the share of its requests the teacher answers: 1 or 0, or the deferred
+    share), `drift/<agent>` (1 or 0) for the `top` busiest agents; `rest/share`,
     `rest/teacher`, `rest/drift` (shares of the whole traffic) for the others; `latency/<backend>` when measured.
     """
     total = sum(rates.values())
@@ -138,6 +154,8 @@ def report(rates: Mapping[str, float], routes: Mapping[str, tuple[str, bool]], l
         share = rate / total if total else 0.0
         backend, drift = routes.get(agent, (None, False))
         teacher, drift = float(backend == TEACHER), float(drift and backend == TEACHER)
+        if backend != TEACHER:
+            teacher = float((deferred or {}).get(agent, 0.0))
         if agent in busiest:
             figures.update({f"share/{agent}": share, f"teacher/{agent}": teacher, f"drift/{agent}": drift})
         else:
