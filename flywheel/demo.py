@@ -111,21 +111,22 @@ def replay_teacher(answers: dict[str, dict]) -> tuple[Any, str]:
     import threading
 
     import uvicorn
-    from fastapi import FastAPI, Request
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
-    app = FastAPI()
-
-    async def chat(request: Request) -> dict:
+    async def chat(request) -> JSONResponse:
         body = await request.json()
         users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
         message = answers.get(users[-1]["content"] if users else "", {"role": "assistant",
                                                                        "content": "Could you tell me more?"})
-        return {"id": "chatcmpl-replay", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model"), "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-                "choices": [{"index": 0, "message": message,
-                             "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}]}
+        return JSONResponse({"id": "chatcmpl-replay", "object": "chat.completion", "created": int(time.time()),
+                             "model": body.get("model"),
+                             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                             "choices": [{"index": 0, "message": message,
+                                          "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}]})
 
-    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

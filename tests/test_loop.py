@@ -104,6 +104,11 @@ def test_real_student_trains_a_few_steps_and_answers(ray_session, store, sgd_sam
     assert out["steps"] == 2 and out["loss"] > 0 and os.path.exists(store.path(out["adapter"]))
     # the in-context baseline (long prompts) is covered on the tiny model in tests/test_stages.py
     report = evaluate(EvaluateConfig(agent="sgd_Flights", base_model=student_path, max_examples=2,
-                                     max_new_tokens=40, min_examples=1, in_context_k=0), store)
+                                     max_new_tokens=40, min_examples=1, in_context_k=0,
+                                     max_calibration_examples=3), store)
+    # the real student's answers carry confidences: every aggregate is ranked on both splits
+    block = report["selective"]
+    assert block["certificate"]["n_calibration"] == 3 and set(block["rankers"]["test"]) == {"min", "product", "mean",
+                                                                                           "values"}
     assert report["candidate"]["n"] == 2 and report["base"]["n"] == 2
-    assert report["base"]["tool_call_rate"] <= 1.0 and report["gate"]["metric"] == "function_name_accuracy"
+    assert report["base"]["tool_call_rate"] <= 1.0 and report["gate"]["metric"] == "name_args_accuracy"

@@ -221,12 +221,17 @@ def small_evaluation(tiny_model: str, **kw) -> EvaluateConfig:
 
 
 def test_evaluate_reads_the_test_split_and_train_demos_never_validation(store, tiny_model, tmp_path):
+    """Scores come from test only; validation is read for one thing, calibrating selective serving."""
     from flywheel.evaluate.run import evaluate
 
     m = flights(store)
     register_random_adapter(store, tiny_model, tmp_path)
     with FileOpens(store.path(f"datasets/sgd_Flights/{m['version']}")) as opened:
-        rep = evaluate(small_evaluation(tiny_model), store)
+        calibrated = evaluate(small_evaluation(tiny_model, max_examples=4, in_context_k=0), store)
+    assert "validation.parquet" in opened.names and calibrated["split"] == "test"
+    assert calibrated["selective"]["certificate"]["n_calibration"] == m["counts"]["validation"]
+    with FileOpens(store.path(f"datasets/sgd_Flights/{m['version']}")) as opened:
+        rep = evaluate(small_evaluation(tiny_model, selective=False), store)
     assert "test.parquet" in opened.names and "train.parquet" in opened.names  # the audit sees the reads
     assert "validation.parquet" not in opened.names
     assert opened.names <= {"test.parquet", "train.parquet", "manifest.json"}

@@ -108,7 +108,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
 def test_sweep_registers_the_best_trial_as_a_candidate(swept):
     second, store = swept["second"], swept["store"]
     metric = second["metric"]
-    assert metric == "function_name_accuracy"  # the tool-calling agent's primary metric
+    assert metric == "name_args_accuracy"  # the tool-calling agent's primary metric: the exact call
     for t in second["trials"]:
         assert 1 <= t["evaluations"] <= 2 and t["eval_loss"] > 0 and 0.0 <= t[metric] <= 1.0
     # the best by the metric's last value; a tie (a random tiny model calls no tools) goes to the lower eval_loss

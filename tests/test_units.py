@@ -168,12 +168,12 @@ def test_wilson_lower_bound():
 
 # A candidate whose 95% lower bound (bootstrap, and Wilson for a 0/1 metric: 0.936 at 194/200) clears 0.9 x teacher.
 GOOD = {"task": "tool_call", "n_expected": 200,
-        "candidate": {"function_name_accuracy": 0.97, "function_name_accuracy_ci": [0.945, 0.99], "n": 200},
-        "teacher": {"function_name_accuracy": 1.0, "function_name_accuracy_ci": [1.0, 1.0], "n": 200}}
+        "candidate": {"name_args_accuracy": 0.97, "name_args_accuracy_ci": [0.945, 0.99], "n": 200},
+        "teacher": {"name_args_accuracy": 1.0, "name_args_accuracy_ci": [1.0, 1.0], "n": 200}}
 
 
 def cand(fn=0.97, ci=(0.945, 0.99), n=200):
-    return {"function_name_accuracy": fn, "function_name_accuracy_ci": list(ci) if ci else ci, "n": n}
+    return {"name_args_accuracy": fn, "name_args_accuracy_ci": list(ci) if ci else ci, "n": n}
 
 
 def test_gate_passes_a_good_candidate():
@@ -183,12 +183,12 @@ def test_gate_passes_a_good_candidate():
 @pytest.mark.parametrize("broken", [
     None, {}, {**GOOD, "task": "poetry"},
     {**GOOD, "candidate": cand(fn=math.nan)},
-    {**GOOD, "candidate": {"function_name_accuracy_ci": [0.945, 0.99], "n": 200}},
+    {**GOOD, "candidate": {"name_args_accuracy_ci": [0.945, 0.99], "n": 200}},
     {**GOOD, "teacher": None},
     {**GOOD, "candidate": cand(n=5)},
     {**GOOD, "n_expected": 300},
     {**GOOD, "candidate": cand(fn=0.5, ci=(0.43, 0.57))},
-    {**GOOD, "production": {"function_name_accuracy": 0.99, "n": 200}},  # no interval: cannot rule out a regression
+    {**GOOD, "production": {"name_args_accuracy": 0.99, "n": 200}},  # no interval: cannot rule out a regression
     {**GOOD, "production": {"accuracy": 0.99, "n": 200}},
     {**GOOD, "candidate": cand(fn="0.95")},
 ])
