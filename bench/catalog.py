@@ -16,7 +16,7 @@ It writes `--agents` agents into a temporary home in the layouts the code uses (
 - with `--http`, `GET /v1/models` and `GET /v1/models/<agent>` through the real app (Ray Serve, a tiny random
   student, auth off) over HTTP, p50 / p99.
 
-Results go to bench/out/catalog-<time>.json.
+Results go to bench/figures/catalog-<time>.json.
 """
 
 from __future__ import annotations

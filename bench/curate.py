@@ -17,7 +17,7 @@ each stage, and peak memory: the driver's RSS (sampled, and getrusage's high-wat
 single worker USS and the largest sum over workers (USS: private memory; RSS would also count the object-store pages
 a worker maps). It also prints the CPU seconds of the driver and the workers and the load average around each run:
 other load on the same cores shows up as lost parallel efficiency in wall time, not in CPU seconds. Figures only,
-no pass/fail. A JSON summary goes to bench/out/.
+no pass/fail. A JSON summary goes to bench/figures/.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ Levers (all off by default):
   `--init-from-shared`.
 - `--throughput-steps N`: N training steps through a plain single-process loop and through Ray Train, tokens/s.
 
-Results go to bench/out/distill-<time>.json; the last lines print the command that reproduces the run.
+Results go to bench/figures/distill-<time>.json; the last lines print the command that reproduces the run.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ Measured:
   `stride`); an episode at the first check (before any shifted request) counts as a false alarm. The goal:
   detection within 200 requests.
 
-Prints two tables and writes everything to bench/out/drift-<time>.json. Embeddings are cached in
+Prints two tables and writes everything to bench/figures/drift-<time>.json. Embeddings are cached in
 bench/out/embeddings.npz (keyed by text), so a second run skips the model.
 """
 

@@ -8,7 +8,7 @@ Adapters are random (small weights, so the text stays the base model's and every
 tokens): throughput does not depend on what an adapter learned. Each mode runs once to warm up, then `--repeats`
 times; it prints generated tokens / wall seconds (best run) per mode, and the time to first token of a request
 that arrives while a full batch decodes (continuous admission: it joins at the next step). Results also go to
-bench/out/engine-<time>.json.
+bench/figures/engine-<time>.json.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ equal to its declared default the same as leaving it out). Printed: how many ans
 name how often the student left out a value the teacher gave (`omitted`), gave one the teacher did not (`added`),
 or gave another value (`wrong`), with examples; a wrong function counts under `function`; then every answer that
 is not a valid call (`flywheel.evaluate.run.valid_call`) with the reason. Results, each answer included, go to
-bench/out/errors-<time>.json.
+bench/figures/errors-<time>.json.
 """
 
 from __future__ import annotations

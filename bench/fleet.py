@@ -13,7 +13,7 @@ are seen once). Three runs, same prompts:
   (c) naive: the same Zipf traffic on a student that holds one adapter and decodes one request at a time
       (`max_batch_size 1`, one resident adapter, one adapter per replica: an adapter swap per request).
 Each prints output tokens/s, p50/p99 latency and time to first token, adapter loads and evictions, and the
-student replica's resident memory; then (a)/(b) and (a)/(c). Results go to bench/out/fleet-<time>.json.
+student replica's resident memory; then (a)/(b) and (a)/(c). Results go to bench/figures/fleet-<time>.json.
 """
 
 from __future__ import annotations

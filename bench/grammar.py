@@ -13,7 +13,7 @@ decode step (the batch runs until its longest row ends, so tokens/s also counts 
 Printed: tokens/s of each variant per repetition and their median, the ratio (constrained / free), how many rows
 wrote the same text as free decoding, how many wrote `<tool_call>` and how many answers are tool calls that parse.
 `--variants free,auto,required` adds tool_choice "required" (calls only): the grammar's cost while the answer is
-JSON, which the base student's free text under auto rarely reaches. Results go to bench/out/grammar-<time>.json.
+JSON, which the base student's free text under auto rarely reaches. Results go to bench/figures/grammar-<time>.json.
 
 `--adapter` decodes with a distilled LoRA adapter (a PEFT folder) instead of the base student: the base student
 rarely starts a `<tool_call>`, so with it the grammar mostly watches free text; a distilled one writes calls.

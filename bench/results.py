@@ -1,10 +1,11 @@
-"""Where every bench script writes its figures: bench/out/<kind>-<time>.json (printed as `results: <path>`)."""
+"""Where every bench script writes its figures: bench/figures/<kind>-<time>.json (printed as `results: <path>`), a
+tracked folder, so the result a README figure rests on can be committed beside it (bench/out/ stays for caches)."""
 
 import json
 import os
 import time
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
 def save(kind: str, out: dict, path: str = "", quiet: bool = False) -> str:
