@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=8)
     ap.add_argument("--home", default="", help="a FLYWHEEL_HOME to keep (default: a temporary one)")
     ap.add_argument("--base-model", default="")
-    ap.add_argument("--out", default="", help="where the JSON goes (default bench/out/selective-<time>.json)")
+    ap.add_argument("--out", default="", help="where the JSON goes (default bench/figures/selective-<time>.json)")
     ap.add_argument("--report", default="", help="reprint a saved run")
     args = ap.parse_args()
     if args.report:

@@ -10,7 +10,7 @@ prompts from concurrent official `openai` clients (AsyncOpenAI) twice: once with
 For each mode it prints p50 / p95 time to first token (streamed: the first content or tool-call delta; plain:
 the whole answer, which is when its first token reaches the caller) and total latency, and output tokens/s; then
 the ratios streamed / plain. It also times a 20 MB request body (413 before it is read) and a normal request right
-after it (the replica keeps serving). Results go to bench/out/serve-<time>.json.
+after it (the replica keeps serving). Results go to bench/figures/serve-<time>.json.
 """
 
 from __future__ import annotations
