@@ -92,15 +92,19 @@ def _shifted_requests(logs: str, exclude: set[str], n: int) -> list[dict]:
     return out
 
 
-def _logged_answers(logs: str) -> dict[str, dict]:
-    """The teacher's logged answer to each logged request, keyed by its last user turn (the stand-in teacher)."""
+def _logged_answers(paths: list[str]) -> dict[str, dict]:
+    """The teacher's logged answer to each logged request of `paths` (plain or gzipped JSONL), keyed by its last
+    user turn (the stand-in teacher): every file the demo ingested, so a deferred held-out request finds its own."""
+    import gzip
+
     answers = {}
-    with open(logs) as f:
-        for line in f:
-            rec = json.loads(line)
-            users = [m for m in rec["request"]["messages"] if m.get("role") == "user"]
-            if users:
-                answers[users[-1]["content"]] = rec["response"]["choices"][0]["message"]
+    for path in paths:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            for line in f:
+                rec = json.loads(line)
+                users = [m for m in rec["request"]["messages"] if m.get("role") == "user"]
+                if users:
+                    answers[users[-1]["content"]] = rec["response"]["choices"][0]["message"]
     return answers
 
 
@@ -179,7 +183,7 @@ def demo(cfg: DemoConfig) -> dict:
     _curate(cfg, store, timings)
     _distill(cfg, store, timings)
     reports = _evaluate(cfg, store, timings)
-    answered, drift = _serve_and_monitor(cfg, store, logs, reports)
+    answered, drift = _serve_and_monitor(cfg, store, logs, reports, [logs, *more])
     return _summary(cfg, store, reports, answered, drift, timings, started)
 
 
@@ -285,7 +289,8 @@ def _selective_row(agent: str, rep: dict) -> list:
             _num(cascade.get("cascade_accuracy")), _num(cascade.get("teacher_cost_saved"))]
 
 
-def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict) -> tuple[dict, dict]:
+def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict,
+                       ingested: list[str]) -> tuple[dict, dict]:
     """Serve the promoted students, call them with the official client, then check drift; (answered, drift)."""
     from openai import OpenAI
 
@@ -293,7 +298,7 @@ def _serve_and_monitor(cfg: DemoConfig, store: Store, logs: str, reports: dict) 
     from flywheel.serve.app import shutdown as serve_shutdown
 
     say(f"5/7 serve on Ray Serve at http://127.0.0.1:{cfg.port}/v1 and call it with the official openai client")
-    teacher, teacher_url = replay_teacher(_logged_answers(logs))
+    teacher, teacher_url = replay_teacher(_logged_answers(ingested))
     print(f"stand-in teacher at {teacher_url}: it replays the teacher's logged answer to each request")
     url = serve_run(ServeConfig(home=store.uri, base_model=cfg.base_model, port=cfg.port, replica_cpus=1.0,
                                 routing_ttl_s=0.5, blocking=False, teacher_url=teacher_url))
