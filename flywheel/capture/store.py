@@ -202,14 +202,16 @@ class _Segments:
         if self.file is None:
             return
         f, path = self.file, self.path
-        self.file = self.path = None
         try:
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            f.close()
-        with contextlib.suppress(FileNotFoundError):  # recovered meanwhile: the compactor owns it
-            os.rename(path, path[:-len(OPEN)] + SEALED)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+            with contextlib.suppress(FileNotFoundError):  # recovered meanwhile: the compactor owns it
+                os.rename(path, path[:-len(OPEN)] + SEALED)
+        finally:  # cleared last: `open_name` is None only once the sealed name exists
+            self.file = self.path = None
 
     def _abandon(self) -> None:
         with contextlib.suppress(OSError):
