@@ -113,6 +113,9 @@ class CurateConfig:
     min_answer_chars: int = 1  # shorter text answers are `too_short` (raise it for free-text agents)
     near_dup_threshold: float = 0.9  # Jaccard of request word 3-shingles: later copies are `near_duplicate`; 0: off
     near_dup_num_perm: int = 64  # MinHash permutations (the signature is num_perm * 4 bytes per record)
+    # shingles in at least this share of an agent's records (20 or more) are its prompt template, left out of the
+    # near-duplicate comparison (templated classifiers: every request ~96% the same); 0: compare whole requests
+    near_dup_template_share: float = 0.8
     min_label_count: int = 5  # labels with fewer kept examples are stratified together as "__rare__"
     max_examples_per_agent: int = 0  # >0: a deterministic, label-balanced cap (the rest is `over_agent_cap`)
     # scale and storage
@@ -143,7 +146,7 @@ class CurateConfig:
             pii.check_entities(self.presidio_entities)
         except ValueError as e:
             raise ConfigError(f"presidio_entities: {e}") from None
-        for key in ("presidio_min_score", "toxicity_threshold", "near_dup_threshold"):
+        for key in ("presidio_min_score", "toxicity_threshold", "near_dup_threshold", "near_dup_template_share"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1], got {getattr(self, key)}")
         if not 16 <= self.near_dup_num_perm <= 1024:

@@ -24,7 +24,7 @@ from flywheel.curate.pipeline import FAULT_EXIT, curate
 from flywheel.datasets import SPLITS, read_split
 from flywheel.storage import Store
 
-from conftest import REPO, SGD_LOGS, moto_s3
+from conftest import NEWS_LOGS, REPO, SGD_LOGS, moto_s3
 
 # Ray workers resolve S3 credentials from their own environment (see flywheel.storage): set it before the
 # shared Ray starts (collection runs before any test), as a cluster would through its runtime_env or node roles.
@@ -232,6 +232,53 @@ def test_incremental_version_reads_only_new_parts_and_keeps_old_examples(ray_ses
     again = curate(CurateConfig(agents=(agent,)), store)[agent]
     assert again["version"] == m2["version"] and "clean" not in again["timings_s"]
 
+
+
+NEWS = open(NEWS_LOGS).read().splitlines()
+HEADLINE = ("Acme Corp Announces It Will Acquire Widget Holdings In An All Stock Deal Valued At About Two Billion "
+            "Dollars, Expects The Combined Company To Save Three Hundred Million A Year In Costs By The End Of Its "
+            "Next Fiscal Year, And Says The Boards Of Both Companies Have Approved The Terms Unanimously; Shareholders "
+            "Of Widget Will Receive Zero Point Four Shares Of Acme For Each Share They Hold, The Deal Is Expected To "
+            "Close In The Second Half Of The Year Pending Regulatory Approval In The United States And Europe, And "
+            "Acme Reaffirms Its Full Year Revenue Outlook While Widget Withdraws Its Own Guidance")  # a long slot
+
+
+def with_headline(line: str, headline: str, ts: int) -> str:
+    """A news classifier record with another headline in the same prompt template."""
+    def edit(o):
+        user = o["request"]["messages"][-1]
+        start, end = "### START HEADLINE ###\n\n", "\n\n### END HEADLINE ###"
+        user["content"] = user["content"].split(start)[0] + start + headline + end + user["content"].split(end)[1]
+        o["timestamp"] = ts
+    return mutate(line, edit)
+
+
+def test_templated_agent_keeps_distinct_requests_and_still_drops_near_copies(store, tmp_path):
+    """The news classifier's ~4,900-character template around each headline made every pair of its requests
+    ~0.96 similar: 498 of its 500 records were `near_duplicate`. Near-duplicates are judged without the template."""
+    agent = "news_classifier"
+    copy = HEADLINE.replace("About Two Billion", "Roughly Two Billion")  # one word changed in a long headline
+    ingest_file(store, write_lines(tmp_path / "day1.jsonl", NEWS[:40] + [
+        with_headline(NEWS[0], HEADLINE, 1_700_000_000), with_headline(NEWS[1], copy, 1_900_000_000)]))
+    m1 = curate(CurateConfig(agents=(agent,)), store, executor="local")[agent]
+    assert m1["published"] and m1["task"] == "classification", m1.get("error")
+    assert m1["reasons"] == {"near_duplicate": 1} and m1["counts"]["kept"] == 41  # only the near-copy goes
+    assert m1["stages"]["decide"]["template_shingles"] > 500
+    with store.open(f"datasets/{agent}/{m1['version']}/quarantine.parquet") as f:
+        assert pq.read_table(f).column("reason").to_pylist() == ["near_duplicate"]
+
+    # the next day: the carried examples' requests come from the previous version, compared without the template
+    ingest_file(store, write_lines(tmp_path / "day2.jsonl", NEWS[40:70]))
+    m2 = curate(CurateConfig(agents=(agent,)), store, executor="local")[agent]
+    assert m2["lineage"]["incremental"] and m2["counts"]["kept"] == 71 and m2["reasons"] == {"near_duplicate": 1}
+    other = Store(str(tmp_path / "rebuild"))
+    shutil.copytree(store.path("logs"), other.path("logs"))
+    full = curate(CurateConfig(agents=(agent,), incremental=False), other, executor="local")[agent]
+    assert full["version"] == m2["version"] and full["reasons"] == m2["reasons"]
+    # the whole-request comparison (template share 0) is what set the agent aside
+    whole = curate(CurateConfig(agents=(agent,), incremental=False, near_dup_template_share=0.0), other,
+                   executor="local")[agent]
+    assert not whole.get("published") and "near_duplicate" in whole["error"]
 
 # -- (e) the dataset card ---------------------------------------------------------------------------------------
 def test_each_version_has_a_card_with_counts_balance_pii_and_a_plot(ray_session, store, tmp_path):

@@ -15,7 +15,9 @@
    included), exact and near duplicates (review labels first, then the previous version's examples, so they
    win), classifier or free text, the session-grouped stratified train/validation/test split
    (`filters.split_groups`) with sessions pinned to the split an earlier version gave them (an older train/eval
-   version's eval sessions stay held out, as test). An agent whose review decisions or ratings changed since its
+   version's eval sessions stay held out, as test). Near-duplicates are judged without the agent's prompt
+   template (`near_dup.template`: the request shingles most of its records share), read from the new cleaned rows
+   and the previous version's examples. An agent whose review decisions or ratings changed since its
    latest version is decided again even without new log parts.
 4. Write (streaming). The previous version's files and the agent's new cleaned rows stream batch by batch through
    the decisions into `train/validation/test/quarantine.parquet`, then `keys.parquet`, the card (`card.md`,
@@ -42,7 +44,7 @@ import os
 import time
 import uuid
 from collections import Counter, defaultdict
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,7 +53,7 @@ import pyarrow.parquet as pq
 
 from flywheel.capture.store import QUARANTINE_DIR, LogStore, write_parquet
 from flywheel.config import CurateConfig
-from flywheel.curate import card, filters
+from flywheel.curate import card, filters, near_dup
 from flywheel.curate.reviewed import Review, label_lineage, read_review
 from flywheel.datasets import SPLITS, latest_version, pinned_sessions, split_file, split_name
 from flywheel.schema import EXAMPLE, LOG_RECORD, MESSAGE, QUARANTINE, digest, quarantine_row
@@ -259,7 +261,7 @@ def _prepare_agent(store: Store, cfg: CurateConfig, agent: str, staging: str, ru
                else pads.dataset(CLEAN.empty_table()))  # no new logs: new review decisions only
     prior = _read_keys(store, f"datasets/{agent}/{base.version}/keys.parquet") if base else []
     pool = _Pool(prior, _new_records(cleaned, agent, {r["record_id"] for r in prior}))
-    pool.decide(cfg, review)
+    pool.decide(cfg, review, lambda ids: _requests(store, agent, cleaned, base, ids, cfg.write_batch_rows))
     config = _digest_config(cfg)
     ids = sorted(r["record_id"] for r in pool.every)
     version = digest(agent, ids, config, n=12) if review.digest is None else \
@@ -309,8 +311,12 @@ class _Pool:
         self.in_pool = {r["record_id"] for r in self.rows}
         self.kept: list[dict] = []
         self.n_dup = 0
+        self.template: frozenset[bytes] = frozenset()
 
-    def decide(self, cfg: CurateConfig, review: Review) -> None:
+    def decide(self, cfg: CurateConfig, review: Review,
+               requests: Callable[[Collection[str]], Iterator[tuple[str, list]]] | None = None) -> None:
+        """`requests(ids)`: (record id, request messages) of those records, for the near-duplicate comparison
+        without the agent's template (None: compare the stored signatures of whole requests)."""
         for r in self.carried:
             r["detail"] = None
             r["timestamp"] = float("-inf")  # the previous version's examples are first in time: a late copy loses
@@ -318,12 +324,27 @@ class _Pool:
         filters.set_aside_reviewed(self.rows, review.superseded, review.negative, review.labels)
         self.n_dup = filters.mark_duplicates(self.rows)
         # near-duplicates across the agent's whole history, then the label-balanced cap
-        filters.mark_near_duplicates(self.rows, cfg.near_dup_threshold)
+        filters.mark_near_duplicates(self.rows, cfg.near_dup_threshold,
+                                     self._without_template(cfg, requests) if requests else None)
         filters.cap_examples(self.rows, cfg.max_examples_per_agent, cfg.seed)
         self.kept = [r for r in self.rows if r["reason"] is None]
         filters.settle_task(self.kept)
         for r in self.carried:
             r["timestamp"] = self.raw[r["record_id"]][2]
+
+    def _without_template(self, cfg: CurateConfig, requests: Callable) -> dict[str, bytes] | None:
+        """The live records' signatures without the agent's prompt template, or None when it has none (too few
+        records, the filter or the template off, no shingle shared by `near_dup_template_share` of them)."""
+        if cfg.near_dup_threshold <= 0 or cfg.near_dup_template_share <= 0:
+            return None
+        live = [r["record_id"] for r in self.rows if r["reason"] is None and r.get("minhash")]
+        if len(live) < near_dup.TEMPLATE_MIN_RECORDS:
+            return None
+        sample = sorted(live, key=lambda rid: digest(rid, n=16))[:near_dup.TEMPLATE_SAMPLE]
+        self.template = near_dup.template((m for _, m in requests(sample)), cfg.near_dup_template_share)
+        if not self.template:
+            return None
+        return {rid: near_dup.signature(m, cfg.near_dup_num_perm, self.template) for rid, m in requests(live)}
 
     def decision(self, r: dict) -> tuple:
         """(reason, detail, label, task): decided now for the pool and new records, else as the previous version
@@ -365,7 +386,7 @@ def _manifest(store: Store, agent: str, version: str, run: str, config: dict, po
             "clean": {"in": len(pool.fresh), "out": len(pool.fresh) - sum(pool.clean_reasons.values()),
                       "reasons": dict(sorted(pool.clean_reasons.items()))},
             "decide": {"in": len(pool.rows), "out": len(pool.kept), "reasons": dict(sorted(decide_reasons.items())),
-                       "duplicates_new": pool.n_dup},
+                       "duplicates_new": pool.n_dup, "template_shingles": len(pool.template)},
         },
         "lineage": {"log_records": len(every), "record_ids_digest": digest(sorted(r["record_id"] for r in every)),
                     "previous": latest_version(store, agent), "incremental": base is not None,
@@ -390,6 +411,31 @@ def _new_records(cleaned: pads.Dataset, agent: str, prior_ids: set[str]) -> list
             seen.add(r["record_id"])
             fresh.append(r)
     return fresh
+
+
+def _requests(store: Store, agent: str, cleaned: pads.Dataset, base: Base | None, ids: Collection[str],
+              rows: int) -> Iterator[tuple[str, list]]:
+    """(record id, request messages) of the records `ids`, each once: from the agent's new cleaned rows, then the
+    previous version's examples (carried records). Streamed `rows` at a time; stops once all are found."""
+    want, seen = set(ids), set()
+
+    def take(batch: pa.RecordBatch) -> Iterator[tuple[str, list]]:
+        for rid, messages in zip(batch.column("record_id").to_pylist(), batch.column("messages").to_pylist()):
+            if rid in want and rid not in seen:
+                seen.add(rid)
+                yield rid, messages
+
+    scanner = cleaned.scanner(columns=["record_id", "messages"], filter=pads.field("agent_id") == agent,
+                              batch_size=rows, batch_readahead=1, fragment_readahead=1)
+    for batch in scanner.to_batches():
+        yield from take(batch)
+    for split in SPLITS if base else ():
+        rel = split_file(store, agent, base.version, split)
+        if len(seen) == len(want) or not rel:
+            continue
+        with store.open(rel, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["record_id", "messages"]):
+                yield from take(batch)
 
 
 def _write_keys(store: Store, prefix: str, every: list[dict], decided: dict[str, tuple],
