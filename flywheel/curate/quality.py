@@ -12,25 +12,15 @@ Pure functions (no Ray), applied by `flywheel.curate.filters.clean_batch`. Reaso
 
 from __future__ import annotations
 
-from typing import Iterable
+from flywheel import safety
 
 R_TOXIC = "toxic"
 R_TOO_LONG = "too_long"
 R_TOO_SHORT = "too_short"
 
 
-# --- toxicity ----------------------------------------------------------------------------------------------
-def toxicity(texts: Iterable[str]) -> dict[str, float]:
-    """alt-profanity-check probability (0..1) for each distinct text, scored in one call."""
-    distinct = sorted({t for t in texts if t and t.strip()})
-    if not distinct:
-        return {}
-    try:
-        from profanity_check import predict_prob
-    except ImportError as e:
-        raise RuntimeError(f"the toxicity filter needs alt-profanity-check ({e}): `pip install -e .`, or set "
-                           f"toxicity_threshold: 1.0 to turn the filter off") from None
-    return dict(zip(distinct, (float(p) for p in predict_prob(distinct))))
+# --- toxicity (the scorer is `flywheel.safety.toxicity`, shared with Serve's output check) -----------------
+toxicity = safety.toxicity
 
 
 def scored_texts(messages: list[dict], answer: dict | None) -> list[tuple[str, str]]:
