@@ -89,8 +89,9 @@ def build_student(out_dir: str) -> str:
     return out_dir
 
 
-def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0) -> str:
-    """A random-initialised Llama with the student's tokenizer: real code paths, seconds not minutes."""
+def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, head_dim: int = 16) -> str:
+    """A random-initialised Llama with the student's tokenizer: real code paths, seconds not minutes. 4 heads of
+    `head_dim` (vLLM's CPU attention takes 32 and up)."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     import torch
@@ -100,7 +101,8 @@ def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0) -
 
     tok = AutoTokenizer.from_pretrained(tokenizer_from or default_student_path())
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)

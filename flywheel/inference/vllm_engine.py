@@ -58,7 +58,22 @@ class _Pending:
     def __init__(self, row: Row, prompt_tokens: int):
         self.row, self.prompt_tokens = row, prompt_tokens
         self.text, self.tokens, self.generation = "", 0, None
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[tuple[tuple[int, float], ...]] = []
         self.finished = threading.Event()
+
+    def add(self, token_ids: Any, logprobs: Any, k: int) -> None:
+        """The step's new tokens with the log-probability vLLM gave each (after the grammar bitmask: vLLM masks
+        the logits before its sampler) and the `k` most likely alternatives, ranked."""
+        for i, token in enumerate(token_ids):
+            ranked = logprobs[i] if logprobs is not None and i < len(logprobs) else {}
+            chosen = ranked.get(token)
+            self.ids.append(int(token))
+            self.logprobs.append(float(chosen.logprob) if chosen is not None else float("nan"))
+            if k > 0:
+                best = sorted(ranked.items(), key=lambda kv: kv[1].rank)[:k]
+                self.top.append(tuple((int(t), float(lp.logprob)) for t, lp in best))
 
 
 class VLLMEngine:
@@ -193,7 +208,7 @@ class VLLMEngine:
             structured = StructuredOutputsParams(structural_tag=json.dumps(structural_tag(row.grammar)))
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                               stop=list(s.stop) or None, structured_outputs=structured,
-                              output_kind=RequestOutputKind.DELTA)
+                              logprobs=s.top_logprobs, output_kind=RequestOutputKind.DELTA)
 
     # -- the stepping thread ----------------------------------------------------------------------------------
     def _step_loop(self) -> None:
@@ -225,16 +240,32 @@ class VLLMEngine:
             if pending.row.on_text is not None:
                 pending.row.on_text(completion.text)
         pending.tokens += len(completion.token_ids)
+        pending.add(completion.token_ids, completion.logprobs, pending.row.sampling.top_logprobs)
         if out.finished:
             with self._lock:
                 self._finish(out.request_id, LENGTH if completion.finish_reason == "length" else STOP)
 
     def _finish(self, request_id: str, reason: str) -> None:
         pending = self._pending.pop(request_id)
-        pending.generation = Generation(pending.text, pending.prompt_tokens, pending.tokens, reason)
+        ids, logprobs, top = self._answer_tokens(pending)
+        eos = len(pending.ids) - len(ids)  # vLLM counts the end-of-sequence token; HFEngine (and usage) do not
+        pending.generation = Generation(pending.text, pending.prompt_tokens, pending.tokens - eos, reason, ids,
+                                        logprobs, self._token_ends(ids), top)
         pending.finished.set()
         if pending.row.done is not None:
             pending.row.done(pending.generation)
+
+    def _answer_tokens(self, pending: _Pending) -> tuple[tuple, tuple, tuple]:
+        """(token ids, log-probabilities, alternatives) as HFEngine keeps them: the end-of-sequence token left out."""
+        n = len(pending.ids)
+        if n and pending.ids[-1] == self.tokenizer.eos_token_id:
+            n -= 1
+        top = tuple(pending.top[:n]) if pending.row.sampling.top_logprobs > 0 else ()
+        return tuple(pending.ids[:n]), tuple(pending.logprobs[:n]), top
+
+    def _token_ends(self, ids: tuple[int, ...]) -> tuple[int, ...]:
+        """Where each token's text ends in the decoded answer, measured as HFEngine measures it."""
+        return tuple(len(self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids)))
 
     def close(self) -> None:
         with self._wake:
