@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 _ID_KINDS = {"agents": "agent id", "agent": "agent id", "known_agents": "agent id", "presidio_agents": "agent id",
-             "agent_id": "agent id", "tenant": "tenant id", "name": "sweep name"}
+             "redact_pii_agents": "agent id", "draft_when_teacher_down": "agent id", "agent_id": "agent id",
+             "tenant": "tenant id", "name": "sweep name"}
 
 
 def check_ids(cfg: Any, *keys: str, allow: tuple[str, ...] = ("",)) -> None:
@@ -504,8 +505,16 @@ class ServeConfig:
     # a new student replica loads the production adapters of this many of the busiest agents (as the Ingress last
     # counted them) before traffic reaches it; 0: none
     prewarm_hot_agents: int = 16
+    # guardrails (flywheel/serve/guardrails.py)
+    redact_pii_agents: tuple[str, ...] = ()  # PII replaced by placeholders before the teacher and the log ("*": all)
+    injection_check: str = "heuristic"  # flags prompt injections in new user/tool turns: heuristic, off, module:fn
+    injection_threshold: float = 0.5  # a check's score at or above this flags the record
+    output_toxicity_threshold: float = 0.9  # selective: a student answer scoring at or above it goes to the teacher
+    # selective, deferred for low confidence, teacher failing: the teacher's error, except for these agents
+    draft_when_teacher_down: tuple[str, ...] = ()  # they get the student's draft marked low-confidence ("*": all)
 
     def __post_init__(self):
+        _check_guardrails(self)
         if self.auth not in ("auto", "keys", "off"):
             raise ConfigError(f"auth: must be auto, keys or off, got {self.auth!r}")
         _check_serve_scaling(self)
@@ -524,6 +533,19 @@ class ServeConfig:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.max_queued_requests < -1 or self.max_queued_requests == 0:
             raise ConfigError(f"max_queued_requests: must be >= 1 (or -1: no limit), got {self.max_queued_requests}")
+
+
+def _check_guardrails(cfg: "ServeConfig") -> None:
+    from flywheel.safety import injection_check
+
+    check_ids(cfg, "redact_pii_agents", "draft_when_teacher_down", allow=("*",))
+    try:
+        injection_check(cfg.injection_check)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("injection_threshold", "output_toxicity_threshold"):
+        if not 0 < getattr(cfg, key) <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {getattr(cfg, key)}")
 
 
 @dataclass(frozen=True)

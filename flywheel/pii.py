@@ -327,6 +327,11 @@ def _apply_message(m: dict | None, redactor: Redactor, allow_args: frozenset[str
     return out
 
 
+def redact_message(m: dict | None, redactor: Redactor, allow_args: frozenset[str] = frozenset()) -> dict | None:
+    """One MESSAGE row with every value `redactor` has found replaced (tool-call arguments stay JSON)."""
+    return _apply_message(m, redactor, allow_args)
+
+
 def redact_record(messages: list[dict], answer: dict | None, policy: PiiPolicy = PiiPolicy(),
                   found: Mapping[str, list[Span]] | None = None) -> tuple[list[dict], dict | None, Redactor]:
     """Redact one record consistently: scan every text first, then replace every value everywhere.

@@ -1,6 +1,7 @@
 """Helpers shared by the Serve test modules: free ports, random LoRA adapters, a real local teacher server."""
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -54,9 +55,19 @@ def make_adapter(base: str, out_dir: str, seed: int) -> str:
     return out_dir
 
 
+def echo(body: dict) -> dict:
+    """The teacher's answer repeating the last user turn as the `note` argument (and in the text)."""
+    said = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+    call = {"id": "call_e", "type": "function", "function": {"name": "FindHotels",
+                                                              "arguments": json.dumps({"note": said})}}
+    message = {"role": "assistant", "content": f"You said: {said}", "tool_calls": [call]}
+    return {**TEACHER_ANSWER, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]}
+
+
 def start_teacher():
     """A real OpenAI-compatible server (uvicorn on 127.0.0.1) answering every agent with one fixed tool call;
-    sgd_Broken answers HTTP 500, sgd_Slow after 2 s. Returns (namespace with url and seen bodies, stop())."""
+    agents named sgd_Broken* get HTTP 500, sgd_Slow waits 2 s, sgd_Private gets a call that repeats its last user
+    turn as an argument. Returns (namespace with url and seen bodies, stop())."""
     import uvicorn
 
     seen: list[dict] = []
@@ -68,8 +79,10 @@ def start_teacher():
         seen.append(body)
         if body["model"] == "sgd_Slow":
             await asyncio.sleep(2)
-        if body["model"] == "sgd_Broken":
+        if body["model"].startswith("sgd_Broken"):
             return JSONResponse({"error": {"message": "teacher is down for maintenance"}}, status_code=500)
+        if body["model"] == "sgd_Private":
+            return echo(body)
         return TEACHER_ANSWER
 
     port = free_port()

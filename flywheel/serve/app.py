@@ -42,7 +42,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -66,7 +66,8 @@ from flywheel.serve.catalog import Catalog, Route, Snapshot, route_of
 from flywheel.serve.metrics import ServeMetrics
 from flywheel.serve.protocol import (APIError, ChatCompletionRequest, completion_from_text, error_body, new_id,
                                      parse_request, sampling_params, stream_events, student_unsupported)
-from flywheel.serve import selective
+from flywheel import safety
+from flywheel.serve import guardrails, selective
 from flywheel.serve.review_routes import ReviewRoutes, read_body
 from flywheel.serve.streaming import DeltaParser, chunk
 from flywheel.serve.student import StudentModel
@@ -171,6 +172,8 @@ class _Call:
     route: Route
     tenant: str
     start: float
+    redactor: guardrails.RequestRedactor | None = None  # the agent's PII leaves only as placeholders
+    verdicts: list[dict] = field(default_factory=list)  # input guardrails' verdicts, written into the record
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
@@ -192,6 +195,7 @@ class Ingress:
         self._keys_exist: tuple[float, bool] = (0.0, False)
         self._tasks: set[asyncio.Task] = set()
         self._hot: tuple[float, list[str]] = (0.0, [])
+        self.injection = safety.injection_check(cfg.injection_check)
 
     def __del__(self) -> None:
         """Serve calls this at a graceful shutdown: seal the open WAL segment so it is compacted at once."""
@@ -382,7 +386,7 @@ class Ingress:
             route = await self._route(agent)
             backend = route.backend
             tenant = principal.tenant if principal else route.tenant
-            call = _Call(new_id(), req, body, rows, route, tenant, start)
+            call = self._guarded(_Call(new_id(), req, body, rows, route, tenant, start))
             self.traffic.arrived(agent)
             if route.mode == SELECTIVE:
                 return await self._selective(call)
@@ -394,6 +398,14 @@ class Ingress:
         except APIError as e:
             self.metrics.request(agent, backend, e.status)
             raise
+
+    def _guarded(self, call: _Call) -> _Call:
+        """The input guardrails (`flywheel.serve.guardrails`): the injection verdict, the agent's PII placeholders."""
+        if self.cfg.injection_check != "off":
+            call.verdicts.append(guardrails.injection_verdict(call.rows, self.injection, self.cfg.injection_threshold))
+        if guardrails.listed(call.req.model, self.cfg.redact_pii_agents):
+            call.redactor = guardrails.RequestRedactor(call.rows)
+        return call
 
     async def _student(self, call: _Call) -> Any:
         stream, first = await self._ask_student(call)
@@ -536,6 +548,8 @@ class Ingress:
                               "no teacher is configured: set teacher_url (--teacher-url), or promote an adapter for "
                               "it", "teacher_not_configured", 30)
         answer, model = await self._ask_teacher(call)
+        if call.redactor is not None:  # the teacher saw placeholders: the client gets the values
+            answer = call.redactor.restore(answer)
         return {**answer, "id": f"chatcmpl-{call.id}", "object": "chat.completion", "model": call.req.model,
                 "created": answer.get("created") or int(time.time()), "system_fingerprint": f"teacher:{model}"}
 
@@ -560,28 +574,48 @@ class Ingress:
         draft = self._completion(call, text, done)
         route, confidence = call.route, done.get("confidence")
         value = selective.picked_confidence(confidence, route.aggregate)
-        why = selective.deferral(text, done["finish_reason"], value, route.threshold, call.body.get("tools") or [])
+        unsafe = await self._unsafe(draft)
+        why = selective.deferral(text, done["finish_reason"], value, route.threshold, call.body.get("tools") or [],
+                                 unsafe)
         headers = {"x-flywheel-replica": first.get("replica", ""),
                    "x-flywheel-confidence": "" if value is None else f"{value:.4f}"}
         self.metrics.selective(call.req.model, why or "served")
-        if why is not None:
-            self.traffic.deferred(call.req.model)
         if why is None:
             return await self._answer(call, draft, STUDENT, selective.served_extra(SELECTIVE, confidence, value,
                                                                                    route.threshold), headers)
+        self.traffic.deferred(call.req.model)
         extra = selective.deferred_extra(SELECTIVE, why, _message_of(draft), draft["system_fingerprint"],
                                          confidence, value, route.threshold)
+        headers["x-flywheel-deferred"] = why
+        started = time.perf_counter()
         try:
             completion = await self._teacher_completion(call)
         except APIError as e:
+            if why not in selective.GUARDRAIL_REASONS and self._draft_when_teacher_down(call):
+                return await self._answer(call, draft, STUDENT, selective.unanswered_extra(extra, e.message),
+                                          {**headers, "x-flywheel-low-confidence": "true"})
             await self._keep_unanswered(call, draft, extra, e)
             raise
-        return await self._answer(call, completion, TEACHER, extra, {**headers, "x-flywheel-deferred": why})
+        extra["timing_ms"] = {"student": round((started - call.start) * 1000, 1),
+                              "teacher": round((time.perf_counter() - started) * 1000, 1)}
+        return await self._answer(call, completion, TEACHER, extra, headers)
+
+    def _draft_when_teacher_down(self, call: _Call) -> bool:
+        return guardrails.listed(call.req.model, self.cfg.draft_when_teacher_down)
+
+    async def _unsafe(self, draft: dict) -> bool:
+        """The output check: the draft's text or string arguments score at or above output_toxicity_threshold."""
+        if self.cfg.output_toxicity_threshold >= 1.0:
+            return False
+        score = await asyncio.to_thread(guardrails.unsafe_score, draft["choices"][0]["message"])
+        return score >= self.cfg.output_toxicity_threshold
 
     async def _keep_unanswered(self, call: _Call, draft: dict, extra: dict, error: APIError) -> None:
         """A deferred request the teacher could not answer: the request and the student's draft are kept (as a
         quarantined row with the reason) so nothing the client sent is lost; the client gets the teacher's error."""
-        raw = json.dumps({"request": call.body, "student": draft, "extra": extra, "error": error.body()}, default=str)
+        _, draft, extra = self._private(call, draft, extra)
+        raw = json.dumps({"request": self._body_to_keep(call), "student": draft, "extra": extra,
+                          "error": error.body()}, default=str)
         row = quarantine_row("deferred_unanswered", f"deferred ({extra.get('fallback')}) but the teacher failed: "
                              f"{error.status}", "serve", raw, "serve", call.id, call.req.model)
         await asyncio.to_thread(self.logs.write_quarantine, [row], "serve", call.id)
@@ -605,7 +639,8 @@ class Ingress:
         """(the teacher's completion, its model name) from the TeacherProxy deployment; 502, 503 or 504 else."""
         from ray.serve.exceptions import BackPressureError
 
-        response = self.teacher.complete.remote(call.req.model, call.body)
+        body = call.redactor.body(call.body) if call.redactor is not None else call.body
+        response = self.teacher.complete.remote(call.req.model, body)
         try:
             async with asyncio.timeout(self._left(call)):
                 answer = await response
@@ -625,17 +660,37 @@ class Ingress:
     async def _capture(self, call: _Call, completion: dict, extra: dict | None = None) -> None:
         """Durably store the answered request before the caller has the whole answer (at-least-once)."""
         latency_ms = (time.perf_counter() - call.start) * 1000
+        rows, completion, extra = self._private(call, completion, extra)
         try:
-            record = log_record(call.id, call.req.model, call.tenant, call.req, call.rows,
+            record = log_record(call.id, call.req.model, call.tenant, call.req, rows,
                                 call.body.get("tools") or [], completion, completion["system_fingerprint"],
                                 latency_ms, extra)
         except Rejected as e:  # e.g. the teacher's tool-call arguments are not JSON: keep it, set aside
-            raw = json.dumps({"request": call.body, "response": completion}, default=str)
+            raw = json.dumps({"request": self._body_to_keep(call), "response": completion}, default=str)
             row = quarantine_row(e.reason, e.detail, "serve", raw, "serve", call.id, call.req.model)
             await asyncio.to_thread(self.logs.write_quarantine, [row], "serve", call.id)
             logger.warning("record %s quarantined: %s", call.id, e)
             return
         await asyncio.to_thread(self.logs.append, [record])
+
+
+    @staticmethod
+    def _private(call: _Call, completion: dict, extra: dict | None) -> tuple[list[dict], dict, dict | None]:
+        """What the log keeps of an answered request: the input verdicts joined to `extra`, and under a PII
+        policy the request, the answer and the student's draft with this request's placeholders."""
+        if call.verdicts:
+            extra = {**(extra or {}), "guardrails": [*(extra or {}).get("guardrails", []), *call.verdicts]}
+        if call.redactor is None:
+            return call.rows, completion, extra
+        r = call.redactor
+        completion = r.completion(completion)
+        if extra and (extra.get("shadow") or {}).get("response"):
+            extra = {**extra, "shadow": {**extra["shadow"], "response": r.message(extra["shadow"]["response"])}}
+        return r.rows, completion, {**(extra or {}), "pii_redacted": r.found}
+
+    @staticmethod
+    def _body_to_keep(call: _Call) -> dict:
+        return call.redactor.body(call.body) if call.redactor is not None else call.body
 
 
 # -- entrypoints ----------------------------------------------------------------------------------------------

@@ -10,10 +10,13 @@ answers and that is what the client gets:
     complete       the answer was not cut off by the token cap (finish_reason "length")
     valid call     a tool call parses, names a declared tool and its arguments satisfy that tool's JSON Schema
                    (`flywheel.checks.call_problem`: what the grammar could not enforce)
+    safe output    the answer's text does not trip the unsafe-content check (`flywheel.serve.guardrails`)
 
 The record of a served answer carries its confidence; a deferred one carries the student's draft (answer and
 confidences) beside the teacher's answer, so the review queue sees a disagreement, `low_confidence` fires from
-the real confidence, curation gives it priority, and the monitor counts the fallback.
+the real confidence, curation gives it priority, and the monitor counts the fallback. A deferred request the
+teacher cannot answer gets the teacher's error, or (agents in `draft_when_teacher_down`) the student's draft
+marked low-confidence; a guardrail deferral (truncated, invalid call, unsafe output) always gets the error.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from flywheel.checks import call_problem
 from flywheel.prompts import parse_answer
 
 LOW_CONFIDENCE, TRUNCATED, INVALID_CALL, NO_CONFIDENCE = "low_confidence", "truncated", "invalid_call", "no_confidence"
+UNSAFE_OUTPUT = "unsafe_output"
+GUARDRAIL_REASONS = (TRUNCATED, INVALID_CALL, UNSAFE_OUTPUT)
 DEFERRED_PRIORITY = 1  # curation keeps deferred records first where records compete (as review labels)
 
 
@@ -38,15 +43,17 @@ def picked_confidence(confidence: dict | None, aggregate: str) -> float | None:
 
 
 def deferral(text: str, finish_reason: str, confidence: float | None, threshold: float | None,
-             tools: list[dict]) -> str | None:
+             tools: list[dict], unsafe: bool = False) -> str | None:
     """Why the answer must go to the teacher (a reason code above), or None when the student's answer is served.
-    `threshold` None: no confidence rule (guardrails only)."""
+    `threshold` None: no confidence rule (guardrails only); `unsafe`: the output check tripped."""
     if finish_reason == "length":
         return TRUNCATED
     parsed = parse_answer(text)
     calls = [tc["function"] for tc in parsed["tool_calls"] or []]
     if not parsed["valid"] or call_problem(json.dumps(tools), {"content": parsed["content"], "tool_calls": calls}):
         return INVALID_CALL
+    if unsafe:
+        return UNSAFE_OUTPUT
     if threshold is None:
         return None
     if confidence is None:
@@ -67,7 +74,12 @@ def deferred_extra(mode: str, reason: str, draft: dict, draft_model: str, confid
             "priority": DEFERRED_PRIORITY,
             "shadow": {"model": draft_model, "response": draft, "confidence": value,
                        "arguments_confidence": (confidence or {}).get("arguments") or {}},
-            **({"guardrails": [{"name": reason, "passed": False}]} if reason in (TRUNCATED, INVALID_CALL) else {})}
+            **({"guardrails": [{"name": reason, "passed": False}]} if reason in GUARDRAIL_REASONS else {})}
+
+
+def unanswered_extra(extra: dict, error: str) -> dict:
+    """`extra_json` of a deferred request served with the student's draft because the teacher failed."""
+    return {**extra, "teacher_error": error, "low_confidence": True}
 
 
 def shadow_extra(draft: dict | None, draft_model: str, confidence: dict | None, value: float | None,
