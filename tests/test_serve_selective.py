@@ -203,8 +203,8 @@ def test_an_injection_is_flagged_in_the_record_and_the_review_queue(served, clie
     assert verdicts["attack"] == [{"name": "prompt_injection", "passed": False, "score": 1.0, "where": "user"}]
     assert verdicts["plain"] == [{"name": "prompt_injection", "passed": True, "score": 0.0}]
     fill_queue(served.store, "sgd_Sure")
-    reasons = {i["record_id"]: i["reason"] for i in list_items(served.store, ["sgd_Sure"])}
-    assert reasons.get(ids["attack"]) == "guardrail" and ids["plain"] not in reasons
+    flagged = {i["record_id"] for i in list_items(served.store, ["sgd_Sure"]) if i["reason"] == "guardrail"}
+    assert ids["attack"] in flagged and ids["plain"] not in flagged
 
 
 def test_pii_reaches_neither_the_teacher_nor_the_log_and_comes_back_to_the_client(served, client):
