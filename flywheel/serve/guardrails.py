@@ -79,24 +79,19 @@ class RequestRedactor:
 
     def completion(self, completion: dict) -> dict:
         """A completion as written to the log: its message redacted."""
-        msg = completion["choices"][0]["message"]
-        out = dict(msg)
-        out["content"] = self.redactor(msg.get("content"))
-        if msg.get("tool_calls"):
-            out["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": self._args(
-                tc["function"].get("arguments"), self.redactor)}} for tc in msg["tool_calls"]]
-        return _with_message(completion, out)
+        return self._mapped(completion, self.redactor)
 
     def restore(self, completion: dict) -> dict:
         """The teacher's completion with every placeholder of this request replaced by its value."""
-        if not self.values:
-            return completion
+        return self._mapped(completion, self._restore_text) if self.values else completion
+
+    def _mapped(self, completion: dict, fn: Any) -> dict:
+        """The completion with `fn` applied to its message's text and to each string value of its calls' arguments."""
         msg = completion["choices"][0]["message"]
-        out = dict(msg)
-        out["content"] = self._restore_text(msg.get("content"))
+        out = {**msg, "content": fn(msg.get("content"))}
         if msg.get("tool_calls"):
             out["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": self._args(
-                tc["function"].get("arguments"), self._restore_text)}} for tc in msg["tool_calls"]]
+                tc["function"].get("arguments"), fn)}} for tc in msg["tool_calls"]]
         return _with_message(completion, out)
 
     def _restore_text(self, text: str | None) -> str | None:
