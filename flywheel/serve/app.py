@@ -386,7 +386,8 @@ class Ingress:
             route = await self._route(agent)
             backend = route.backend
             tenant = principal.tenant if principal else route.tenant
-            call = self._guarded(_Call(new_id(), req, body, rows, route, tenant, start))
+            # off the event loop: the checks read every new turn, up to max_body_bytes of text
+            call = await asyncio.to_thread(self._guarded, _Call(new_id(), req, body, rows, route, tenant, start))
             self.traffic.arrived(agent)
             if route.mode == SELECTIVE:
                 return await self._selective(call)
