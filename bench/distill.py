@@ -37,7 +37,9 @@ Levers (all off by default):
 - `--held-out-agents A,B`: leave-agents-out: that shared adapter (trained without them) against the base student on
   each held-out agent's test split, plain and constrained. It trains the shared adapter even without
   `--init-from-shared`.
-- `--throughput-steps N`: N training steps through a plain single-process loop and through Ray Train, tokens/s.
+- `--throughput-steps N` (`--throughput-only` to stop there): N training steps of the first agent through one
+  process with the shared prefix off and on (`bench/train_speed.py`: records/s, tokens/s, model FLOPs against this
+  machine's measured matmul peak, the two loss curves compared), then through Ray Train.
 
 Results go to bench/figures/distill-<time>.json; the last lines print the command that reproduces the run.
 """
@@ -181,6 +183,8 @@ def prepare(args, store) -> dict:
     from flywheel.demo import PACKAGE_DATA
 
     ingest_file(store, os.path.join(PACKAGE_DATA, "sgd", "sgd_dev_flywheel_logs.jsonl"))
+    if args.train_logs:  # SGD's train split too: 17x the records per agent
+        ingest_file(store, os.path.join(PACKAGE_DATA, "sgd", "sgd_train_flywheel_logs.jsonl.gz"))
     every = args.init_from_shared or args.held_out_agents  # the shared adapter learns from all the others
     scope = () if every else tuple(args.agents)
     return {a: m for a, m in curate(CurateConfig(agents=scope), store).items() if m.get("version")}
@@ -255,6 +259,9 @@ def run(args) -> dict:
               "curate_s": round(time.time() - started, 1)}
     if args.throughput_steps:
         result["throughput"] = throughput(args, store, student, args.agents[0], manifests[args.agents[0]]["version"])
+        if args.throughput_only:
+            result["wall_s"], result["partial"] = round(time.time() - started, 1), ""
+            return result
     shared = train_shared(args, store, student, manifests)
     if shared:
         result["shared"] = {k: shared.get(k) for k in (*TRAIN_KEYS, "sources")}
@@ -272,60 +279,36 @@ def run(args) -> dict:
     return result
 
 
-# -- training throughput: a plain loop vs Ray Train -------------------------------------------------------------
-def single_process_throughput(student: str, examples: list[dict], steps: int, batch: int, threads: int,
-                              lr: float, max_length: int) -> dict:
-    """The plain PyTorch loop: the same encode/collate/answer_loss as the Ray Train workers, one process."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from flywheel.config import DistillConfig
-    from flywheel.distill.data import answer_loss, collate, encode, length_buckets
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    defaults = DistillConfig(agent="bench")
-    t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(student)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
-                           LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=0.0,
-                                      target_modules=list(defaults.target_modules), task_type="CAUSAL_LM"))
-    encoded = [e for e in (encode(tokenizer, x, max_length, defaults.max_history) for x in examples) if e]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    setup_s = time.time() - t0
-    batches = length_buckets(encoded, batch, 0)
-    model.train()
-    tokens, t0 = 0, time.time()
-    for i in range(steps):
-        inputs = collate(batches[i % len(batches)], tokenizer.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = answer_loss(model, inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int(inputs["attention_mask"].sum())
-    loop_s = time.time() - t0
-    return {"tokens_per_s": tokens / loop_s, "loop_s": round(loop_s, 1), "setup_s": round(setup_s, 1),
-            "tokens": tokens, "steps": steps, "batch": batch, "threads": threads}
-
-
+# -- training throughput: the levers in one process, then Ray Train -------------------------------------------
 def throughput(args, store, student: str, agent: str, version: str) -> dict:
+    """`train_speed.levers` on the agent's train split (one process, all cores), this machine's matmul peak, and
+    the same number of steps through Ray Train (`args.workers` workers, the shared prefix on)."""
+    from transformers import AutoConfig
+
     from flywheel.config import DistillConfig
     from flywheel.distill.train import distill
+    from train_speed import levers, matmul_peak
 
-    print(f"throughput: {args.throughput_steps} steps of {agent}, global batch {args.workers * args.batch_size}",
-          flush=True)
-    plain = single_process_throughput(student, split_rows(store, agent, version, "train"), args.throughput_steps,
-                                      args.workers * args.batch_size, os.cpu_count() or 2, args.lr, args.max_length)
+    threads, batch = os.cpu_count() or 2, args.workers * args.batch_size
+    print(f"throughput: {args.throughput_steps} steps of {agent}, batch {batch}, {threads} threads", flush=True)
+    shape = AutoConfig.from_pretrained(student)
+    peak = matmul_peak(threads, shape.hidden_size, shape.intermediate_size)
+    defaults = DistillConfig(agent=agent)
+    one = levers(student, split_rows(store, agent, version, "train"), args.throughput_steps, batch, threads, args.lr,
+                 args.max_length, defaults.max_history)
+    for run in one["runs"].values():
+        run["share_of_peak"] = run["model_gflops_per_s"] / peak[run["dtype"]]
     t0 = time.time()
     out = distill(DistillConfig(agent=agent, base_model=student, num_workers=args.workers, batch_size=args.batch_size,
                                 max_steps=args.throughput_steps, learning_rate=args.lr, max_length=args.max_length,
                                 run_name=f"throughput-{int(time.time())}"), store)
-    on_ray = {"tokens_per_s": out["tokens_per_s"], "wall_s": round(time.time() - t0, 1), "steps": out["steps"],
-              "batch_per_worker": args.batch_size, "workers": args.workers}
-    return {"single_process": plain, "ray_train": on_ray, "ratio": on_ray["tokens_per_s"] / plain["tokens_per_s"]}
+    on_ray = {"tokens_per_s": out["tokens_per_s"], "computed_tokens_per_s": out["computed_tokens_per_s"],
+              "wall_s": round(time.time() - t0, 1), "steps": out["steps"], "batch_per_worker": args.batch_size,
+              "workers": args.workers}
+    records = len(split_rows(store, agent, version, "train"))
+    return {"peak_gflops_per_s": peak, "single_process": one, "ray_train": on_ray, "train_records": records,
+            "epoch_hours_at_shared_rate": records / one["runs"]["shared prefix"]["records_per_s"] / 3600,
+            "ratio": on_ray["tokens_per_s"] / one["runs"]["shared prefix"]["tokens_per_s"]}
 
 
 # -- printing ---------------------------------------------------------------------------------------------------
@@ -380,12 +363,26 @@ def report(result: dict) -> None:
         print(f"\n{agent} (left out of the shared adapter): splits {r['splits']}, {r['scored']} test examples")
         table(r["systems"], HELD_OUT_SYSTEMS)
         print(f"   {speed(r['decoding_tokens_per_s'], 'shared')}")
-    t = result.get("throughput")
-    if t:
-        p, q = t["single_process"], t["ray_train"]
-        print(f"\ntraining throughput, {p['steps']} steps, global batch {p['batch']}: single process "
-              f"({p['threads']} threads) {p['tokens_per_s']:.0f} tokens/s; Ray Train ({q['workers']} workers) "
-              f"{q['tokens_per_s']:.0f} tokens/s; ratio {t['ratio']:.2f}x")
+    if result.get("throughput"):
+        report_throughput(result["throughput"])
+
+
+def report_throughput(t: dict) -> None:
+    p, q, peak = t["single_process"], t["ray_train"], t["peak_gflops_per_s"]
+    print(f"\ntraining throughput, {p['steps']} steps (the first untimed) of batch {p['batch']}, one process, "
+          f"{p['threads']} threads; matmul peak here {peak['float32']} GFLOP/s fp32, {peak['bfloat16']} bf16; "
+          f"{p['fit_max_length']} train records fit max_length")
+    for mode, r in p["runs"].items():
+        print(f"   {mode:14} {r['records_per_s']:.3f} records/s  {r['tokens_per_s']:.0f} tokens/s  "
+              f"{r['computed_tokens_per_s']:.0f} computed/s  {r['model_gflops_per_s']:.1f} GFLOP/s "
+              f"({r['share_of_peak']:.0%} of {r['dtype']} peak)")
+    print(f"   shared prefix: {p['mean_shared_prefix']:.0f} tokens per batch on average; x{p['speedup_records_per_s']:.2f} "
+          f"records/s; largest loss difference over the steps {p['max_loss_difference']:.2g}")
+    print(f"   one epoch of the {t['train_records']} train records at the shared-prefix rate: "
+          f"{t['epoch_hours_at_shared_rate']:.2f} h")
+    print(f"   Ray Train ({q['workers']} workers x batch {q['batch_per_worker']}, shared prefix): "
+          f"{q['tokens_per_s']:.0f} tokens/s ({q['computed_tokens_per_s']:.0f} computed/s); "
+          f"x{t['ratio']:.2f} the one process")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -418,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=256, help="96 cut 4 answers in an earlier table")
     ap.add_argument("--eval-batch-size", type=int, default=8)
     ap.add_argument("--throughput-steps", type=int, default=0, help="0: skip the training-throughput comparison")
+    ap.add_argument("--throughput-only", action="store_true", help="stop after the throughput comparison")
+    ap.add_argument("--train-logs", action="store_true", help="also ingest the shipped SGD train-split logs")
     ap.add_argument("--home", default="", help="a FLYWHEEL_HOME to keep (default: a temporary one)")
     ap.add_argument("--base-model", default="", help="default: the student `make setup` built")
     args = ap.parse_args(argv)

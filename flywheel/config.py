@@ -178,6 +178,7 @@ class DistillConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     max_length: int = 768  # tokens of prompt + answer; older history turns are dropped to fit (see README)
     max_history: int = 10
+    share_prefix: bool = True  # rows of a batch that begin alike (the tools block) are computed once (distill.data)
     tool_format: str = "signatures"  # tools in the prompt: signatures | json (Serve renders signatures)
     argument_weight: float = 1.0  # >1: a tool call's argument tokens weigh this much more in the training loss
     value_swaps: int = 0  # >0: this many copies of each training example with its stated values swapped (distill.data)

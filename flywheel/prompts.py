@@ -120,6 +120,22 @@ def prompt_turns(example: dict, max_history: int = 10, tool_format: str = "signa
                          tool_format)
 
 
+MIN_SHARED_PREFIX = 32  # tokens: a shorter common prefix of a batch's rows is not worth a forward pass of its own
+
+
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens every prompt begins with, short of each one's last token (the position whose logits a prefill or a
+    training row needs for itself); 0 for a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    n = 0
+    for column in zip(*prompts):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return min(n, min(len(p) for p in prompts) - 1)
+
+
 def parse_answer(text: str) -> dict[str, Any]:
     """Student text -> {"content", "tool_calls" (OpenAI shape, arguments as JSON text), "valid"}.
 

@@ -332,3 +332,71 @@ def test_value_swaps_add_training_examples_only(curated_here, store, tiny_model)
     swapped = distill(here(tiny_model, max_steps=1, value_swaps=1, run_name="swapped"), store)
     assert swapped["train_examples"] == plain["train_examples"] + len(variants)
     assert Registry(store).get("sgd_Flights", swapped["version"])["hyperparameters"]["value_swaps"] == 1
+
+
+def _lora(tiny_model: str):
+    """The tiny model with a LoRA whose B is not zero (so the adapter changes the logits and has gradients)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_rows_sharing_their_tools_block_give_the_plain_loss_and_gradients_from_fewer_computed_tokens(
+        curated_here, store, tiny_model):
+    from transformers import AutoTokenizer
+
+    from flywheel.datasets import TRAIN, read_split
+    from flywheel.distill.answers import Answers
+    from flywheel.distill.data import collate, encode, length_buckets, mean_answer_loss, shared_prefix_len
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = read_split(store, "sgd_Flights", curated_here["sgd_Flights"]["version"], TRAIN).to_pylist()
+    encoded = [encode(tok, ex, 8192, 10, argument_weight=2.0) for ex in examples]
+    batches = length_buckets(encoded, 3, seed=1)
+    assert sorted(id(x) for b in batches for x in b) == sorted(id(x) for x in encoded)  # each example once
+    assert all(len({x["prefix_key"] for x in b}) == 1 for b in batches)
+    batch = max(batches, key=shared_prefix_len)
+    assert len(batch) == 3 and shared_prefix_len(batch) > 300  # the tools block
+    model = _lora(tiny_model)
+    results = []
+    for share in (False, True):
+        inputs = collate(batch, tok.pad_token_id, share_prefix=share)
+        assert ("prefix_ids" in inputs) is share
+        loss, n = answer_loss(Answers(model), inputs)
+        loss.backward()
+        results.append((float(loss), n, inputs["computed_tokens"],
+                        {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+    (plain, n_plain, cost_plain, g_plain), (shared, n_shared, cost_shared, g_shared) = results
+    assert n_shared == n_plain and shared == pytest.approx(plain, rel=1e-5)
+    assert g_plain.keys() == g_shared.keys() and len(g_plain) == 12  # 2 layers x 3 modules x A, B
+    for k in g_plain:
+        assert torch.allclose(g_shared[k], g_plain[k], rtol=1e-4, atol=1e-6), k
+    real = sum(len(x["input_ids"]) for x in batch)
+    assert cost_plain == real and cost_shared == real - 2 * shared_prefix_len(batch)
+    # validation loss: the same sum either way, however the examples come
+    with torch.no_grad():
+        one_by_one = mean_answer_loss(model, encoded[::-1], tok.pad_token_id, 1)
+        grouped = mean_answer_loss(model, encoded, tok.pad_token_id, 4)
+    assert grouped[1] == one_by_one[1] and grouped[0] == pytest.approx(one_by_one[0], rel=1e-5)
+
+
+def test_a_shared_prefix_stops_before_any_rows_answer():
+    from flywheel.distill.data import MIN_SHARED_PREFIX, shared_prefix_len
+
+    head = list(range(100, 100 + MIN_SHARED_PREFIX + 8))
+    short = {"input_ids": head + [1, 2], "answer_len": 2}  # its prompt is all of `head`
+    longer = {"input_ids": head + [1, 2, 3, 4, 5], "answer_len": 1}  # begins with all of `short`
+    assert shared_prefix_len([short, longer]) == len(head) - 1  # `short`'s last prompt token stays its own
+    assert shared_prefix_len([short]) == 0
+    assert shared_prefix_len([{"input_ids": [7] + head + [1], "answer_len": 1}, longer]) == 0
+    tiny = {"input_ids": head[:MIN_SHARED_PREFIX - 1] + [9, 9], "answer_len": 1}
+    assert shared_prefix_len([tiny, longer]) == 0  # too short to be worth a pass of its own

@@ -40,6 +40,7 @@ from typing import Any
 
 from flywheel.config import ConfigError, DistillConfig
 from flywheel.datasets import TRAIN, VALIDATION, open_split, resolve_version
+from flywheel.distill.answers import Answers
 from flywheel.hardware import native_bf16
 from flywheel.storage import Store
 
@@ -58,7 +59,7 @@ class _DDP:
                                            lr=cfg.learning_rate, weight_decay=0.0)
         self.schedule = _schedule(self.optimizer, total)
         self.peft = self.eval_model = model  # validation runs on the unwrapped model: no DDP buffer broadcasts
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(Answers(model))
         self.device = ray.train.torch.get_device()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.bf16 and native_bf16(self.device.type))
@@ -122,13 +123,13 @@ class _DeepSpeed:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
-            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=_schedule(optimizer, total),
+            model=Answers(model), model_parameters=params, optimizer=optimizer, lr_scheduler=_schedule(optimizer, total),
             config={"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
                     "gradient_clipping": 1.0, "bf16": {"enabled": cfg.bf16 and native_bf16(ray.train.torch.get_device().type)},
                     "zero_optimization": {"stage": cfg.zero_stage}, "steps_per_print": 10 ** 9,
                     "wall_clock_breakdown": False})
-        self.model = self.eval_model = self.engine
-        self.peft = self.engine.module
+        self.model = self.eval_model = self.engine  # ZeRO-3 gathers parameters in the engine's forward
+        self.peft = model
         self.device = ray.train.torch.get_device()
         self.autocast = torch.autocast(self.device.type, enabled=False)  # the bf16 section casts the model itself
 
@@ -353,7 +354,7 @@ def train_loop_per_worker(config: dict) -> None:
     backend = (_DeepSpeed if cfg.strategy == "deepspeed" else _DDP)(model, cfg, total)
     if teacher is not None:
         teacher.to(backend.device)
-    state = {"step": 0, "tokens": 0,
+    state = {"step": 0, "tokens": 0, "computed_tokens": 0,
              "validation": {"best": None, "best_step": 0, "stale": 0, "stopped_at": 0, "history": []}}
     best = _restore(backend, state)
     resumed_at = checkpointed = state["step"]
@@ -401,12 +402,14 @@ def _optimizer_step(backend: Any, micro_batches: list[list[dict]], pad_id: int, 
     from flywheel.distill.data import answer_loss, collate
 
     for j, batch in enumerate(micro_batches):
-        inputs = {k: (v.to(backend.device) if hasattr(v, "to") else v) for k, v in collate(batch, pad_id).items()}
+        inputs = {k: (v.to(backend.device) if hasattr(v, "to") else v)
+                  for k, v in collate(batch, pad_id, cfg.share_prefix).items()}
         with backend.micro_batch(boundary=j == cfg.grad_accum - 1):
             with backend.autocast:
                 loss, _ = answer_loss(backend.model, inputs, teacher, cfg.kd_weight, cfg.kd_temperature)
             backend.backward(loss)
         state["tokens"] += int(inputs["attention_mask"].sum())
+        state["computed_tokens"] += inputs["computed_tokens"]
         losses.append(float(loss.detach()))
     backend.step()
     state["step"] += 1
@@ -415,8 +418,11 @@ def _optimizer_step(backend: Any, micro_batches: list[list[dict]], pad_id: int, 
 def _run_metrics(state: dict, losses: list[float], steps_per_epoch: int, total: int, elapsed: float,
                  resumed_at: int) -> dict:
     """What a checkpoint reports: step, epoch, mean loss since the last report, throughput (first attempt only)."""
+    first = resumed_at == 0
     return {"step": state["step"], "epoch": state["step"] / steps_per_epoch, "loss": sum(losses) / len(losses),
-            "tokens_per_s_per_worker": state["tokens"] / max(elapsed, 1e-9) if resumed_at == 0 else 0.0,
+            "tokens_per_s_per_worker": state["tokens"] / max(elapsed, 1e-9) if first else 0.0,
+            "computed_tokens_per_s_per_worker":
+                state["computed_tokens"] / max(elapsed, 1e-9) if first else 0.0,
             "resumed_at": resumed_at, "total_steps": total}
 
 
@@ -572,4 +578,5 @@ def _register(cfg: DistillConfig, store: Store, sources: list[tuple[str, str]], 
             "stopped_at": metrics.get("stopped_at"), "validation_history": history,
             "adapter_from": entry["adapter_from"],
             "tokens_per_s": metrics.get("tokens_per_s_per_worker", 0.0) * cfg.num_workers,
+            "computed_tokens_per_s": metrics.get("computed_tokens_per_s_per_worker", 0.0) * cfg.num_workers,
             "train_time_s": round(train_s, 1), "adapter": entry["adapter"]}
