@@ -328,3 +328,25 @@ def test_logprobs_are_taken_after_the_grammar_mask(tiny_model, adapters):
     conf = answer_confidence(gen.text, gen.token_ends, gen.logprobs)
     assert set(conf["arguments"]) == {"city"} and 0 < conf["arguments"]["city"] <= 1
     assert conf["aggregates"]["product"] <= conf["aggregates"]["min"] <= 1
+
+
+TOOLS_BLOCK = "Tools:\n" + "\n".join(f"Tool{i}(city*, date =2019-03-0{i % 9 + 1}) - finds things in a city"
+                                     for i in range(12))
+SHARED = [[{"role": "system", "content": TOOLS_BLOCK}, *p] for p in PROMPTS[:4]]
+
+
+def test_rows_of_one_adapter_compute_their_common_prompt_prefix_once(tiny_model, adapters):
+    engine = engine_with(tiny_model, adapters)
+    rows = [Row(p, "b", Sampling(10, top_logprobs=2)) for p in SHARED]
+    gens = engine.run_batch(rows)
+    stats = engine.stats()
+    prompts = [engine.encode(p) for p in SHARED]
+    prefix = next(i for i, col in enumerate(zip(*prompts)) if len(set(col)) > 1)
+    assert prefix > 100 and stats["prefill_tokens_shared"] == prefix * 3
+    assert [(g.text, g.completion_tokens) for g in gens] == peft_answers(tiny_model, adapters, SHARED, ["b"] * 4, 10)
+    for gen, prompt in zip(gens, prompts):
+        expected = _forced_logprobs(tiny_model, adapters["b"], prompt, list(gen.tokens))
+        assert max(abs(a - b) for a, b in zip(gen.logprobs, expected)) < 1e-4
+    # different adapters: the prefix's keys and values differ, nothing is shared
+    engine.run_batch([Row(p, name, Sampling(4)) for p, name in zip(SHARED, ["a", "b", "a", None])])
+    assert engine.stats()["prefill_tokens_shared"] == prefix * 3

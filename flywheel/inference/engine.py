@@ -14,7 +14,8 @@ Every row has its own adapter, sampling parameters (temperature, top_p, seed, st
 optional grammar (a compiled grammar from `flywheel.inference.grammar`), a callback that receives the row's text as it
 is decoded, and a cancel flag that ends the row at the next token.
 
-The decode loop: rows are prefilled (left-padded) into a KV cache (`DynamicCache`), then every step runs one forward
+The decode loop: rows are prefilled (left-padded; a prompt prefix that rows of one adapter share, such as an agent's
+tools block, computed once and its cache repeated) into a KV cache (`DynamicCache`), then every step runs one forward
 over all active rows' last tokens. A row that finishes (EOS, stop string, token budget, context, cancel) leaves
 the batch at once: its cache rows are dropped, and leading columns no row needs any more are cut. Between steps,
 `run_continuous` asks `take(n)` for waiting rows: they are prefilled together and their cache joins the batch's
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from flywheel.inference.lora import TARGET_MODULES, AdapterFormatError, LoRAPool, PoolFull, read_adapter
+from flywheel.prompts import MIN_SHARED_PREFIX, common_prefix_len
 
 BASE = "__base__"
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
@@ -147,7 +149,8 @@ class HFEngine:
         self._step = threading.Lock()  # one forward pass or one change to the slots at a time
         self._compiler = None
         self.counters = {"steps": 0, "prefills": 0, "mixed_batches": 0, "largest_batch": 0, "rows": 0,
-                         "rows_cancelled": 0, "loads": 0, "reloads": 0}
+                         "rows_cancelled": 0, "loads": 0, "reloads": 0, "prefill_tokens": 0,
+                         "prefill_tokens_shared": 0}
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def adapters(self) -> list[str]:
@@ -179,7 +182,9 @@ class HFEngine:
         """Counters (read without waiting for a running forward pass): `prefills` and `steps` (forward passes),
         `mixed_batches` (passes whose rows use more than one adapter, the base model counting as one),
         `largest_batch` (rows in one pass), `rows` and `rows_cancelled` (rows ended), adapter `loads`, `reloads`
-        (an evicted adapter read again from its folder) and `evictions`; the slots and their memory."""
+        (an evicted adapter read again from its folder) and `evictions`; `prefill_tokens` (prompt tokens prefilled)
+        and `prefill_tokens_shared` (of those, the ones a shared prefix spared computing again); the slots and their
+        memory."""
         return {**self.counters, "evictions": self.pool.evictions, "slots": self.pool.slots,
                 "resident": len(self.pool.resident()), "slot_bytes": self.pool.nbytes()}
 
@@ -349,23 +354,52 @@ class _DecodeLoop:
 
     def _prefill(self, joining: list[_Live]) -> None:
         """One forward over the joining rows' prompts (left-padded among themselves); their cache joins the
-        batch's and each takes its first token."""
-        from transformers import DynamicCache
+        batch's and each takes its first token. Rows of one adapter whose prompts begin alike (an agent's tools
+        block) compute that prefix once (`_shared_prefix`): the same logits in fewer positions."""
+        import torch
 
-        batch = self.tokenizer.pad({"input_ids": [live.prompt for live in joining]}, return_tensors="pt")
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.model.config)
         running = bool(self.active)
         self.active += joining  # from here on, a failure reaches these rows' callers too
+        shared = self._shared_prefix(joining)
+        cache = self._prefix_cache(joining, shared)
+        batch = self.tokenizer.pad({"input_ids": [live.prompt[shared:] for live in joining]}, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0) + shared
+        if shared:
+            mask = torch.cat([mask.new_ones(len(joining), shared), mask], dim=1)
         logits = self._forward(ids, mask, positions, cache, [live.slot for live in joining])
-        self.engine.counters["prefills"] += 1
+        counters = self.engine.counters
+        counters["prefills"] += 1
+        counters["prefill_tokens"] += sum(len(live.prompt) for live in joining)
+        counters["prefill_tokens_shared"] += shared * (len(joining) - 1)  # positions not computed again
         self.joinable = self.joinable and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
         if running:
             self._join(cache, mask)
         else:
             self.cache, self.mask = cache, mask
         self._advance(joining, logits)
+
+    @staticmethod
+    def _shared_prefix(joining: list[_Live]) -> int:
+        """Prompt tokens all joining rows begin with, when they share one adapter slot (the prefix's keys and
+        values depend on it); 0 for fewer than `MIN_SHARED_PREFIX`."""
+        if len({live.slot for live in joining}) > 1:
+            return 0
+        shared = common_prefix_len([live.prompt for live in joining])
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _prefix_cache(self, joining: list[_Live], shared: int) -> Any:
+        """A fresh cache; with a shared prefix, holding it (one forward pass) repeated for every joining row."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if shared:
+            ids = torch.tensor([joining[0].prompt[:shared]], device=self.device)
+            positions = torch.arange(shared, device=self.device)[None]
+            self._forward(ids, torch.ones_like(ids), positions, cache, [joining[0].slot])
+            cache.batch_repeat_interleave(len(joining))
+        return cache
 
     def _join(self, cache: Any, mask: Any) -> None:
         """Append prefilled rows to the batch: both caches left-padded to one length, masked where padded."""
