@@ -7,8 +7,9 @@ the batched LoRA slots of `HFEngine` and with PEFT's mixed batch (`adapter_names
 Adapters are random (small weights, so the text stays the base model's and every mode writes about as many
 tokens): throughput does not depend on what an adapter learned. Each mode runs once to warm up, then `--repeats`
 times; it prints generated tokens / wall seconds (best run) per mode, and the time to first token of a request
-that arrives while a full batch decodes (continuous admission: it joins at the next step). Results also go to
-bench/figures/engine-<time>.json.
+that arrives while a full batch decodes (continuous admission: it joins at the next step), and `--rows` real
+sgd_Flights requests (its tools block in every prompt) decoded as one batch of one adapter with the shared prompt
+prefix off and on. Results also go to bench/figures/engine-<time>.json.
 """
 
 from __future__ import annotations
@@ -98,6 +99,49 @@ def peft_modes(base: str, paths: list[str], prompts: list, tokenizer, max_tokens
                 timed(lambda: run([f"a{i}" for i in range(len(prompts))]), repeats)}
 
 
+def agent_prompts(n: int) -> list[list[dict]]:
+    """The first `n` sgd_Flights requests of the shipped dev logs as the student's chat turns (tools included)."""
+    import json
+
+    from flywheel.prompts import chat_messages
+
+    out = []
+    with open(os.path.join(REPO, "flywheel", "data", "sgd", "sgd_dev_flywheel_logs.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["workload_id"] == "sgd_Flights":
+                out.append(chat_messages(record["request"]["messages"], record["request"].get("tools") or []))
+            if len(out) == n:
+                return out
+    return out
+
+
+def shared_prefill(engine, prompts: list, name: str, max_tokens: int, repeats: int) -> dict:
+    """One agent's requests (one adapter, one tools block) decoded as one batch, the shared prefix off and on."""
+    from flywheel.inference.engine import Row, Sampling
+
+    def run() -> list:
+        return [(g.text, g.completion_tokens) for g in
+                engine.run_batch([Row(p, name, Sampling(max_tokens=max_tokens)) for p in prompts])]
+
+    out = {}
+    for share in (False, True):
+        engine.share_prefix = share
+        before = dict(engine.stats())
+        seconds, answers = timed(run, repeats)
+        after = engine.stats()
+        runs = repeats + 1
+        out["shared prefix" if share else "rows whole"] = {
+            "seconds": round(seconds, 3), "answers": answers,
+            "prefill_tokens": (after["prefill_tokens"] - before["prefill_tokens"]) // runs,
+            "prefill_tokens_shared": (after["prefill_tokens_shared"] - before["prefill_tokens_shared"]) // runs}
+    engine.share_prefix = True
+    whole, shared = out["rows whole"], out["shared prefix"]
+    out["speedup"] = round(whole["seconds"] / shared["seconds"], 2)
+    out["answers_identical"] = sum(a == b for a, b in zip(whole.pop("answers"), shared.pop("answers")))
+    return out
+
+
 def late_arrival(engine, prompts: list, names: list[str], max_tokens: int) -> dict:
     """A full batch decodes; one more request arrives 10 steps in: its time to first token vs the batch's rest."""
     from flywheel.inference.engine import Row, Sampling
@@ -135,6 +179,8 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--agent-max-tokens", type=int, default=16,
+                        help="new tokens per agent request in the shared-prefix comparison (prefill-heavy)")
     args = parser.parse_args()
 
     from flywheel.inference.engine import HFEngine
@@ -150,6 +196,7 @@ def main() -> int:
         results.update(peft_modes(args.base_model, paths, prompts, engine.tokenizer, args.max_tokens, args.repeats,
                                   engine.dtype))
         arrival = late_arrival(engine, prompts, names, args.max_tokens)
+        agent = shared_prefill(engine, agent_prompts(args.rows), names[0], args.agent_max_tokens, args.repeats)
     print(f"{args.rows} rows x {args.max_tokens} new tokens, rank-{args.rank} adapters on 7 projections, "
           f"{engine.dtype}, {args.threads} threads on {engine.device}")
     table = {}
@@ -165,8 +212,14 @@ def main() -> int:
           f"{same[1]}/{args.rows} rows")
     for key, value in arrival.items():
         print(f"  {key:<52} {value}")
+    print(f"{args.rows} sgd_Flights requests (tools block included), one adapter, {args.agent_max_tokens} new tokens:")
+    for mode in ("rows whole", "shared prefix"):
+        r = agent[mode]
+        print(f"  {mode:<52} {r['seconds']:7.2f} s, {r['prefill_tokens']} prompt tokens, "
+              f"{r['prefill_tokens_shared']} of them not computed again")
+    print(f"  {'speedup; answers identical':<52} x{agent['speedup']}; {agent['answers_identical']}/{args.rows} rows")
     save("engine", {"args": vars(args), "dtype": str(engine.dtype), "modes": table,
-                            "late_arrival": arrival})
+                    "late_arrival": arrival, "agent_prompts": agent})
     return 0
 
 

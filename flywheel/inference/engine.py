@@ -128,13 +128,15 @@ class HFEngine:
     present). `max_adapters` slots of rank up to `max_rank` on the `target_modules` Linear layers."""
 
     def __init__(self, base_model: str, dtype: str = "auto", threads: int | None = None, device: str = "auto",
-                 max_adapters: int = 8, max_rank: int = 64, target_modules: tuple[str, ...] = TARGET_MODULES):
+                 max_adapters: int = 8, max_rank: int = 64, target_modules: tuple[str, ...] = TARGET_MODULES,
+                 share_prefix: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
         self.base_model = base_model
+        self.share_prefix = share_prefix  # rows prefilled together compute their common prefix once
         self.device = _device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         self.tokenizer.padding_side = "left"
@@ -379,11 +381,10 @@ class _DecodeLoop:
             self.cache, self.mask = cache, mask
         self._advance(joining, logits)
 
-    @staticmethod
-    def _shared_prefix(joining: list[_Live]) -> int:
+    def _shared_prefix(self, joining: list[_Live]) -> int:
         """Prompt tokens all joining rows begin with, when they share one adapter slot (the prefix's keys and
-        values depend on it); 0 for fewer than `MIN_SHARED_PREFIX`."""
-        if len({live.slot for live in joining}) > 1:
+        values depend on it); 0 for fewer than `MIN_SHARED_PREFIX` or with the engine's `share_prefix` off."""
+        if not self.engine.share_prefix or len({live.slot for live in joining}) > 1:
             return 0
         shared = common_prefix_len([live.prompt for live in joining])
         return shared if shared >= MIN_SHARED_PREFIX else 0
