@@ -294,8 +294,8 @@ def throughput(args, store, student: str, agent: str, version: str) -> dict:
     shape = AutoConfig.from_pretrained(student)
     peak = matmul_peak(threads, shape.hidden_size, shape.intermediate_size)
     defaults = DistillConfig(agent=agent)
-    one = levers(student, split_rows(store, agent, version, "train"), args.throughput_steps, batch, threads, args.lr,
-                 args.max_length, defaults.max_history)
+    rows = split_rows(store, agent, version, "train")
+    one = levers(student, rows, args.throughput_steps, batch, threads, args.lr, args.max_length, defaults.max_history)
     for run in one["runs"].values():
         run["share_of_peak"] = run["model_gflops_per_s"] / peak[run["dtype"]]
     t0 = time.time()
@@ -305,9 +305,8 @@ def throughput(args, store, student: str, agent: str, version: str) -> dict:
     on_ray = {"tokens_per_s": out["tokens_per_s"], "computed_tokens_per_s": out["computed_tokens_per_s"],
               "wall_s": round(time.time() - t0, 1), "steps": out["steps"], "batch_per_worker": args.batch_size,
               "workers": args.workers}
-    records = len(split_rows(store, agent, version, "train"))
-    return {"peak_gflops_per_s": peak, "single_process": one, "ray_train": on_ray, "train_records": records,
-            "epoch_hours_at_shared_rate": records / one["runs"]["shared prefix"]["records_per_s"] / 3600,
+    return {"peak_gflops_per_s": peak, "single_process": one, "ray_train": on_ray, "train_records": len(rows),
+            "epoch_hours_at_shared_rate": len(rows) / one["runs"]["shared prefix"]["records_per_s"] / 3600,
             "ratio": on_ray["tokens_per_s"] / one["runs"]["shared prefix"]["tokens_per_s"]}
 
 

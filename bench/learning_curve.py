@@ -130,17 +130,12 @@ def plot(out: dict, path: str) -> str:
 
 
 def main() -> None:
+    from selective import training_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", default="sgd_Restaurants,sgd_Flights")
     ap.add_argument("--sizes", default="20,40,80,160,320", help="train records per size, increasing (0: all)")
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--max-steps", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=2, help="per worker")
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--validation-fraction", type=float, default=0.2)
-    ap.add_argument("--test-fraction", type=float, default=0.2)
+    training_args(ap, epochs=1.0)
     ap.add_argument("--max-test", type=int, default=100, help="test examples per agent (0: all)")
     ap.add_argument("--goal", type=float, default=0.8, help="name + arguments the forecast aims at")
     ap.add_argument("--max-new-tokens", type=int, default=96)

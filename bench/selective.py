@@ -159,11 +159,9 @@ def print_agent(r: dict) -> None:
           f"{f((exact or 0) / b['target'])}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--agents", default="sgd_Flights,sgd_Restaurants,sgd_Buses,news_classifier")
-    ap.add_argument("--train-examples", type=int, default=130, help="train records per agent (0: all)")
-    ap.add_argument("--epochs", type=float, default=3.0)
+def training_args(ap: argparse.ArgumentParser, epochs: float) -> None:
+    """The training and curation options this bench and `bench/learning_curve.py` share."""
+    ap.add_argument("--epochs", type=float, default=epochs)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-steps", type=int, default=0, help=">0: cap each training run (smoke runs)")
     ap.add_argument("--workers", type=int, default=2)
@@ -171,6 +169,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--validation-fraction", type=float, default=0.2)
     ap.add_argument("--test-fraction", type=float, default=0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--agents", default="sgd_Flights,sgd_Restaurants,sgd_Buses,news_classifier")
+    ap.add_argument("--train-examples", type=int, default=130, help="train records per agent (0: all)")
+    training_args(ap, epochs=3.0)
     ap.add_argument("--max-calibration", type=int, default=400, help="validation examples per agent (0: all)")
     ap.add_argument("--max-test", type=int, default=300, help="test examples per agent (0: all)")
     ap.add_argument("--target", type=float, default=0.95)

@@ -46,7 +46,7 @@ def linear_params(model: Any) -> dict:
     """{"frozen": weights of the decoder's linear layers, "lora": trainable parameters, "head": the output layer}."""
     import torch
 
-    frozen = lora = 0
+    frozen = 0
     head = model.get_output_embeddings().weight.numel()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lora_" not in name and module is not model.get_output_embeddings():
@@ -96,7 +96,7 @@ def _loop(student: str, batches: list[list[dict]], pad_id: int, lr: float, share
 
     from flywheel.config import DistillConfig
     from flywheel.distill.answers import Answers
-    from flywheel.distill.data import answer_loss, collate, shared_prefix_len
+    from flywheel.distill.data import answer_loss, collate
     from flywheel.hardware import native_bf16
 
     defaults = DistillConfig(agent="bench")
@@ -123,7 +123,7 @@ def _loop(student: str, batches: list[list[dict]], pad_id: int, lr: float, share
         if i == 0:
             continue
         seconds += time.perf_counter() - started
-        shared = shared_prefix_len(rows) if share else 0
+        shared = inputs["prefix_ids"].shape[1] if "prefix_ids" in inputs else 0
         tokens += int(inputs["attention_mask"].sum())
         computed += inputs["computed_tokens"]
         records += len(rows)

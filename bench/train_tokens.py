@@ -60,7 +60,7 @@ def count(args, store, agent: str) -> dict:
     fitting = [e for e in encoded if e]
     whole = sum(len(e["input_ids"]) for e in fitting)
     batches = length_buckets(fitting, args.batch_size, 0)
-    shared = sum(len(e["input_ids"]) for e in fitting) - sum(shared_prefix_len(b) * (len(b) - 1) for b in batches)
+    shared = whole - sum(shared_prefix_len(b) * (len(b) - 1) for b in batches)
     chained, sequences = conversation_tokens(rows, encoded)
     full = [encode(tok, r, 10 ** 6, 10 ** 6) for r in rows]
     full_whole = sum(len(e["input_ids"]) for e in full)
