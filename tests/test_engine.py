@@ -350,3 +350,17 @@ def test_rows_of_one_adapter_compute_their_common_prompt_prefix_once(tiny_model,
     # different adapters: the prefix's keys and values differ, nothing is shared
     engine.run_batch([Row(p, name, Sampling(4)) for p, name in zip(SHARED, ["a", "b", "a", None])])
     assert engine.stats()["prefill_tokens_shared"] == prefix * 3
+
+
+def test_answers_are_batched_by_system_turn_and_returned_in_the_callers_order(tiny_model, adapters):
+    from flywheel.inference.answers import by_system_turn, generate_answers
+
+    other = [[{"role": "system", "content": "Tools:\nOther(x)"}, *p] for p in PROMPTS[:2]]
+    mixed = [SHARED[0], other[0], SHARED[1], other[1], SHARED[2]]
+    assert by_system_turn(mixed) == [0, 2, 4, 1, 3]
+    engine = engine_with(tiny_model, adapters)
+    run = generate_answers(engine, mixed, "b", 3, 6)
+    # the first batch of three is all one tools block, so two of its rows reuse its prefix
+    assert engine.stats()["prefill_tokens_shared"] > 0
+    alone = [generate_answers(engine_with(tiny_model, adapters), [p], "b", 1, 6)["answers"][0] for p in mixed]
+    assert run["answers"] == alone

@@ -1,7 +1,10 @@
 """Answers for a list of prompts: the engine's greedy generations in fixed-size batches, parsed into the OpenAI
 message shape (`flywheel.prompts.parse_answer`), with each request's latency and each answer's confidence
 (`flywheel.inference.confidence`). Evaluation scores systems with it and sweeps rank trials with it, so a trial is
-ranked on answers generated exactly as the gate's are."""
+ranked on answers generated exactly as the gate's are.
+
+Prompts are batched in the order of their system turn (where an agent's tools block lives), so the rows of one
+batch share it and the engine prefills it once; results come back in the caller's order."""
 
 from __future__ import annotations
 
@@ -16,17 +19,29 @@ def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, bat
     from flywheel.inference.confidence import answer_confidence
     from flywheel.prompts import parse_answer
 
-    answers, latency, confidence = [], [], []
+    n = len(prompts)
+    answers, latency, confidence = [None] * n, [0.0] * n, [None] * n
+    order = by_system_turn(prompts)
     cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+    for i in range(0, n, batch_size):
+        rows = order[i:i + batch_size]
         started = time.perf_counter()
-        extra = {"constraints": constraints[i:i + batch_size]} if constraints is not None else {}
-        gens = engine.generate(chunk, [adapter] * len(chunk), max_new_tokens, **extra)
-        latency += [time.perf_counter() - started] * len(chunk)
-        answers += [parse_answer(g.text) for g in gens]
-        confidence += [answer_confidence(g.text, g.token_ends, g.logprobs) for g in gens]
+        extra = {"constraints": [constraints[r] for r in rows]} if constraints is not None else {}
+        gens = engine.generate([prompts[r] for r in rows], [adapter] * len(rows), max_new_tokens, **extra)
+        seconds = time.perf_counter() - started
+        for r, g in zip(rows, gens):
+            answers[r], latency[r] = parse_answer(g.text), seconds
+            confidence[r] = answer_confidence(g.text, g.token_ends, g.logprobs)
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(len(rows))
     return {"answers": answers, "latency_s": latency, "confidence": confidence, "wall_s": time.perf_counter() - wall,
             "cpu_s": time.process_time() - cpu}
+
+
+def by_system_turn(prompts: list[list[dict]]) -> list[int]:
+    """Prompt indices, those with the same system turn together (stable: first appearance order)."""
+    first: dict[str, int] = {}
+    key = [str(p[0].get("content")) if p and p[0].get("role") == "system" else "" for p in prompts]
+    for i, k in enumerate(key):
+        first.setdefault(k, i)
+    return sorted(range(len(prompts)), key=lambda i: first[key[i]])
