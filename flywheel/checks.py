@@ -16,6 +16,12 @@ is a narrower question with one more code, `unparsed_tool_call` (call text the p
 as plain JSON text): text answers, refusals included, are not broken calls; an empty answer is one only where tools
 are declared; a call is unknown when no tool is declared at all.
 
+Whether a student's answer can be served as it is (`unservable`: Serve's guardrails before any confidence rule,
+and the certificate's, so a threshold is certified on the answers Serve would actually serve):
+
+    truncated              the answer was cut off by the token cap (finish_reason "length")
+    invalid_call           a tool call that does not parse, names an undeclared tool or breaks its schema
+
 Schema validation is lenient in one way only, the way evaluation compares arguments: a scalar whose text form
 is what the schema declares passes (SGD declares `"enum": ["1", "2"]` with `"type": "string"`, and a teacher that
 answers `2` means `"2"`; `"True"` for a boolean likewise). Everything the schema declares is checked; nothing it
@@ -30,12 +36,15 @@ import json
 import re
 from typing import Any
 
+from flywheel.prompts import parse_answer
+
 R_EMPTY = "empty_answer"
 R_REFUSAL = "refusal"
 R_UNKNOWN_TOOL = "unknown_tool"
 R_BAD_ARGS = "bad_tool_arguments"
 R_SCHEMA = "tool_schema_violation"
 R_UNPARSED = "unparsed_tool_call"
+TRUNCATED, INVALID_CALL = "truncated", "invalid_call"
 
 REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:no|')t (?:help|assist)|as an ai\b|i am unable to|"
                         r"i'm unable to)", re.IGNORECASE)
@@ -195,3 +204,14 @@ def schema_violation(tools_json: str, name: str, arguments: dict) -> str | None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)
     return f"{name}: {error.message}" + (f" (at {where})" if where else "")
+
+
+def unservable(text: str, finish_reason: str, tools: list[dict]) -> str | None:
+    """Why a student's raw answer cannot be served whatever its confidence (TRUNCATED, INVALID_CALL), or None."""
+    if finish_reason == "length":
+        return TRUNCATED
+    parsed = parse_answer(text)
+    calls = [tc["function"] for tc in parsed["tool_calls"] or []]
+    if not parsed["valid"] or call_problem(json.dumps(tools), {"content": parsed["content"], "tool_calls": calls}):
+        return INVALID_CALL
+    return None

@@ -227,3 +227,18 @@ def test_cascade_summary():
     none = cascade_summary(conf, [1, 0, 1, 0], [1, 1, 0, 1], None, 1.0, 10.0)
     assert none["accepted"] == 0 and none["cascade_accuracy"] == pytest.approx(0.75)
     assert none["teacher_cost_saved"] == pytest.approx(-0.1)  # drafts paid for, nothing served
+
+
+def test_answers_serve_would_defer_are_never_accepted_by_the_certificate():
+    from flywheel.evaluate.calibrate import servable_scores
+
+    tools = [{"type": "function", "function": {"name": "Pick", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["SF"]}}, "required": ["city"]}}}]
+    call = '<tool_call>{"name": "Pick", "arguments": {"city": "SF"}}</tool_call>'
+    texts = [call, call + '<tool_call>{"name": "Pi', call.replace("SF", "LA"), call.replace("Pick", "Gone")]
+    run = {"text": texts, "finish_reason": ["stop", "length", "stop", "stop"],
+           "confidence": [{"aggregates": {"min": 0.9}}] * 4}
+    got = servable_scores(run, [tools] * 4, "min")
+    assert got[0] == 0.9 and all(math.isnan(x) for x in got[1:])
+    # fail closed: certified on them, 3 of 4 records are never accepted, however sure the student was
+    assert certify(got * 30, [1, 1, 1, 1] * 30, 0.8, 0.1)["coverage"] == pytest.approx(0.25)

@@ -34,6 +34,18 @@ def scores(confidences: list[dict | None], aggregate: str) -> list[float]:
     return [float((c or {}).get("aggregates", {}).get(aggregate, math.nan)) if c else math.nan for c in confidences]
 
 
+def servable_scores(run: dict, tools: list[list[dict]], aggregate: str) -> list[float]:
+    """`scores`, with NaN where Serve would defer the answer whatever its confidence (cut off by the token cap, or
+    a broken call: `flywheel.checks.unservable`), so the certificate covers only answers Serve would serve."""
+    from flywheel.checks import unservable
+
+    texts, finished = run.get("text"), run.get("finish_reason")
+    out = scores(run["confidence"], aggregate)
+    if texts is None or finished is None:
+        return out
+    return [math.nan if unservable(t, f, tl) else x for x, t, f, tl in zip(out, texts, finished, tools)]
+
+
 def correctness(task: str, expected: list[dict], answers: list[dict], tools: list[list[dict]]) -> list[int]:
     """1 where the answer is exactly right (`EXACT[task]`), else 0."""
     from flywheel.metrics import per_example
@@ -69,8 +81,8 @@ def selective_block(cfg, task: str, validation: list[dict], decode: Callable, te
     val_tools = [json.loads(e.get("tools_json") or "[]") for e in validation]
     val_run = decode(validation) if validation else {"answers": [], "confidence": []}
     val_correct = correctness(task, [e["target"] for e in validation], val_run["answers"], val_tools)
-    certificate = certify(scores(val_run["confidence"], aggregate), val_correct, target, delta)
-    test_scores = scores(test_run["confidence"], aggregate)
+    certificate = certify(servable_scores(val_run, val_tools, aggregate), val_correct, target, delta)
+    test_scores = servable_scores(test_run, tools, aggregate)
     test_correct = correctness(task, test_expected, test_run["answers"], tools)
     threshold = certificate["threshold"]
     student = cost.get("student_per_1k_usd") or 0.0

@@ -13,14 +13,16 @@ import time
 
 def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, batch_size: int, max_new_tokens: int,
                      progress=None, constraints: list[dict | None] | None = None) -> dict:
-    """Answers (OpenAI message shape), each request's latency (its batch's seconds), each answer's confidence
-    (every aggregate; None where the engine gives no log-probabilities), wall and CPU seconds.
+    """Answers (OpenAI message shape), their raw text and finish reason, each request's latency (its batch's
+    seconds), each answer's confidence (every aggregate; None where the engine gives no log-probabilities), wall
+    and CPU seconds.
     `constraints`: one `flywheel.inference.grammar` spec (or None) per prompt, decoded under it."""
     from flywheel.inference.confidence import answer_confidence
     from flywheel.prompts import parse_answer
 
     n = len(prompts)
-    answers, latency, confidence = [None] * n, [0.0] * n, [None] * n
+    answers, texts, finished, confidence = [None] * n, [""] * n, [""] * n, [None] * n
+    latency = [0.0] * n
     order = by_system_turn(prompts)
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(0, n, batch_size):
@@ -30,12 +32,12 @@ def generate_answers(engine, prompts: list[list[dict]], adapter: str | None, bat
         gens = engine.generate([prompts[r] for r in rows], [adapter] * len(rows), max_new_tokens, **extra)
         seconds = time.perf_counter() - started
         for r, g in zip(rows, gens):
-            answers[r], latency[r] = parse_answer(g.text), seconds
+            answers[r], texts[r], finished[r], latency[r] = parse_answer(g.text), g.text, g.finish_reason, seconds
             confidence[r] = answer_confidence(g.text, g.token_ends, g.logprobs)
         if progress is not None:
             progress.update(len(rows))
-    return {"answers": answers, "latency_s": latency, "confidence": confidence, "wall_s": time.perf_counter() - wall,
-            "cpu_s": time.process_time() - cpu}
+    return {"answers": answers, "text": texts, "finish_reason": finished, "latency_s": latency,
+            "confidence": confidence, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
 def by_system_turn(prompts: list[list[dict]]) -> list[int]:

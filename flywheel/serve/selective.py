@@ -21,14 +21,12 @@ marked low-confidence; a guardrail deferral (truncated, invalid call, unsafe out
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
-from flywheel.checks import call_problem
-from flywheel.prompts import parse_answer
+from flywheel.checks import INVALID_CALL, TRUNCATED, unservable
 
-LOW_CONFIDENCE, TRUNCATED, INVALID_CALL, NO_CONFIDENCE = "low_confidence", "truncated", "invalid_call", "no_confidence"
+LOW_CONFIDENCE, NO_CONFIDENCE = "low_confidence", "no_confidence"
 UNSAFE_OUTPUT = "unsafe_output"
 GUARDRAIL_REASONS = (TRUNCATED, INVALID_CALL, UNSAFE_OUTPUT)
 DEFERRED_PRIORITY = 1  # curation keeps deferred records first where records compete (as review labels)
@@ -46,12 +44,9 @@ def deferral(text: str, finish_reason: str, confidence: float | None, threshold:
              tools: list[dict], unsafe: bool = False) -> str | None:
     """Why the answer must go to the teacher (a reason code above), or None when the student's answer is served.
     `threshold` None: no confidence rule (guardrails only); `unsafe`: the output check tripped."""
-    if finish_reason == "length":
-        return TRUNCATED
-    parsed = parse_answer(text)
-    calls = [tc["function"] for tc in parsed["tool_calls"] or []]
-    if not parsed["valid"] or call_problem(json.dumps(tools), {"content": parsed["content"], "tool_calls": calls}):
-        return INVALID_CALL
+    problem = unservable(text, finish_reason, tools)
+    if problem:
+        return problem
     if unsafe:
         return UNSAFE_OUTPUT
     if threshold is None:
