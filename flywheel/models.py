@@ -89,9 +89,12 @@ def build_student(out_dir: str) -> str:
     return out_dir
 
 
-def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, head_dim: int = 16) -> str:
+def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, head_dim: int = 16, layers: int = 2,
+               teachable: bool = False) -> str:
     """A random-initialised Llama with the student's tokenizer: real code paths, seconds not minutes. 4 heads of
-    `head_dim` (vLLM's CPU attention takes 32 and up)."""
+    `head_dim` (vLLM's CPU attention takes 32 and up). Its pad token is its end of turn, and a fresh Llama zeroes
+    the pad row of its (tied) embeddings, so it can never end an answer: `teachable` gives that row random values
+    like every other, so an adapter can teach it to stop (the tests that distil it on an agent use 64 x 4 layers)."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     import torch
@@ -102,11 +105,14 @@ def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, h
     tok = AutoTokenizer.from_pretrained(tokenizer_from or default_student_path())
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
-                         num_hidden_layers=2,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(config)
+    if teachable:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[tok.pad_token_id].normal_(0.0, config.initializer_range)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     tmp = out_dir.rstrip("/") + ".tmp"

@@ -92,6 +92,16 @@ def tiny_model(tmp_path_factory, student_path):
     return build_tiny(str(tmp_path_factory.mktemp("models") / "tiny-llama"), tokenizer_from=student_path)
 
 
+@pytest.fixture(scope="session")
+def tiny_learner(tmp_path_factory, student_path):
+    """A small random Llama (4 layers of 256) that a LoRA adapter can teach an agent (`tests/router.py`) in a
+    couple of hundred steps, end of turn included."""
+    from flywheel.models import build_tiny
+
+    return build_tiny(str(tmp_path_factory.mktemp("models") / "tiny-learner"), tokenizer_from=student_path,
+                      head_dim=64, layers=4, teachable=True)
+
+
 @pytest.fixture
 def sgd_sample(tmp_path):
     """The first N shipped SGD log lines of two agents, as a JSONL file."""
