@@ -14,7 +14,8 @@ holds the smaller ones. Each adapter's answers to the first `--max-test` test ex
 request's tool-call grammar, as Serve decodes them; name + arguments, function name and valid call are reported
 with 95% bootstrap intervals. `flywheel.evaluate.learning.forecast` fits error(n) = a * n^-b to name + arguments
 and gives the records for `--goal` with a 90% interval over resampled test examples, or says the last size is a
-plateau. The plot goes beside the JSON (`.png`). Results are written after every size: a stopped run keeps what
+plateau. Each agent's curve is also kept in the home (`reports/<agent>/learning.json`), where its next evaluation
+report and the status page compare the forecast with the records it has. The plot goes beside the JSON (`.png`). Results are written after every size: a stopped run keeps what
 finished.
 """
 
@@ -66,7 +67,7 @@ def size_point(args, store, agent: str, n: int, test: list[dict]) -> dict:
 
 def bench_agent(args, store, agent: str, out: dict, path: str) -> dict:
     from flywheel.datasets import TEST, open_split, resolve_version
-    from flywheel.evaluate.learning import forecast
+    from flywheel.evaluate.learning import forecast, save_curve
 
     test = open_split(store, agent, resolve_version(store, agent), TEST).rows()[: args.max_test or None]
     result = {"agent": agent, "n_test": len(test), "points": [], "goal": args.goal}
@@ -75,6 +76,7 @@ def bench_agent(args, store, agent: str, out: dict, path: str) -> dict:
         result["points"].append(size_point(args, store, agent, n, test))
         result["forecast"] = forecast(result["points"], args.goal)
         save("learning", out, path, quiet=True)
+        save_curve(store, agent, result)  # where the agent's eval report and the status page read it
         print_agent(result)
     return result
 

@@ -33,3 +33,21 @@ def test_the_forecast_interval_covers_the_true_records_and_a_flat_curve_is_a_pla
     out = forecast(flat, goal=0.8)
     assert out["plateau"] and not out["reached"]
     assert forecast(drawn((16, 32), 1.0, 1.0, examples=50), goal=0.8)["reached"]  # 0.94 at 16 records
+
+
+def test_traffic_says_whether_an_agent_waits_for_traffic_or_fails():
+    from flywheel.evaluate.learning import traffic
+
+    curve = {"points": [{"n": 30}, {"n": 60}], "forecast": {"goal": 0.8, "n": 1900.0, "low": 900.0,
+                                                            "high": 5000.0, "plateau": False, "reached": False}}
+    assert traffic(curve, 200, False)["state"] == "waiting for traffic"
+    assert traffic(curve, 2500, False)["state"] == "failing"  # it has the records the curve asks for
+    assert traffic(curve, 200, True)["state"] == "served"
+    flat = {"points": curve["points"], "forecast": {**curve["forecast"], "n": None, "plateau": True}}
+    assert traffic(flat, 200, False)["state"] == "plateau"
+    assert traffic(None, 200, False) | {"sizes": None} == {"records": 200, "goal": None, "forecast": None,
+                                                          "low": None, "high": None, "plateau": False,
+                                                          "sizes": None, "state": "no forecast"}
+    got = traffic(curve, 200, False)
+    assert (got["records"], got["forecast"], got["low"], got["high"], got["sizes"]) == (200, 1900.0, 900.0, 5000.0,
+                                                                                      [30, 60])

@@ -216,6 +216,17 @@ def _status_home(store: Store, adapter) -> None:
         "agent": "sgd_Flights", "step": "promote", "status": "done", "at": 1_700_000_200, "detail": "v2"})
     store.write_json("queue/retrain/sgd_Flights-e1.json", {"agent": "sgd_Flights", "event": "e1",
                                                            "reason": "drift event e1", "queued": 1.0})
+    waiting_for_traffic(store, "sgd_Hotels")
+
+
+def waiting_for_traffic(store: Store, agent: str) -> None:
+    """A curated dataset of 200 train records and a learning curve that forecasts 1,900 for the goal."""
+    from flywheel.evaluate.learning import save_curve
+
+    store.write_json(f"datasets/{agent}/LATEST", {"version": "d1"})
+    store.write_json(f"datasets/{agent}/d1/manifest.json", {"counts": {"train": 200, "validation": 30, "test": 60}})
+    save_curve(store, agent, {"points": [{"n": 50}, {"n": 100}, {"n": 200}], "forecast": {
+        "goal": 0.8, "n": 1900.0, "low": 900.0, "high": 5000.0, "plateau": False, "reached": False}})
 
 
 def test_status_rows_and_pages(store, tmp_path):
@@ -234,6 +245,9 @@ def test_status_rows_and_pages(store, tmp_path):
     assert flights["last_cycle"]["step"] == "promote" and len(flights["retrain"]) == 1
     assert hotels["route"]["backend"] == "teacher" and hotels["production"] is None and hotels["cost"] is None
     assert hotels["drift"]["state"] == "no checks yet"
+    assert flights["traffic"]["state"] == "served"  # its latest version passed the gate
+    assert (hotels["traffic"]["state"], hotels["traffic"]["records"], hotels["traffic"]["forecast"]) == \
+        ("waiting for traffic", 200, 1900.0)
     # The monitor's own state (its windows, its episode) and an episode event whose threshold is a test's alpha.
     store.write_json("monitor/state/sgd_Hotels.json", {"episode": {"id": "ep1", "active": True}, "history": [
         {"time": 1_700_000_000, "drifted": False, "drift_share": 0.1}, {"time": 1_700_000_600, "drifted": True}]})
@@ -246,6 +260,7 @@ def test_status_rows_and_pages(store, tmp_path):
     page = status_page([flights, hotels])
     assert page.count('<tr class="agent"') == 2 and page.count("<svg") == 4
     assert "sgd_Flights@v2" in page and "0.90 [0.80, 0.95] vs teacher 1.00" in page and "98%" in page
+    assert "waiting for traffic" in page and "200 train records · goal 0.80 at ~1,900 (900-5,000)" in page
     assert 'class="hline"' in page and page.count('class="ci"') == 2
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched
     json.dumps([flights, hotels])  # /status.json serialises the same rows
@@ -440,13 +455,15 @@ def test_status_in_a_browser(app, browser):
     store.write_json(f"controller/events/sgd_Flights-{int(time.time() * 1000):015d}-ab-evaluate.json", {
         "agent": "sgd_Flights", "cycle": "c1", "step": "evaluate", "status": "done", "at": time.time(),
         "detail": {"gate": True}})
+    waiting_for_traffic(store, "sgd_Hotels")
     browser.get(f"{app.base}/review?key={app.admin}")  # signs in (the cookie is shared by every page)
     browser.get(f"{app.base}/status")
     rows = {el.get_attribute("id"): el.text for el in browser.find_elements(By.CSS_SELECTOR, "tr.agent")}
     assert set(rows) == {"agent-sgd_Flights", "agent-sgd_Hotels"}
     assert "student" in rows["agent-sgd_Flights"] and "sgd_Flights@v1" in rows["agent-sgd_Flights"]
     assert "0.90 [0.80, 0.97]" in rows["agent-sgd_Flights"] and "evaluate" in rows["agent-sgd_Flights"]
-    assert "teacher" in rows["agent-sgd_Hotels"]
+    assert "teacher" in rows["agent-sgd_Hotels"] and "waiting for traffic" in rows["agent-sgd_Hotels"]
+    assert "200 train records" in rows["agent-sgd_Hotels"]
     svgs = browser.find_elements(By.CSS_SELECTOR, "svg.plot")
     assert len(svgs) == 4 and browser.find_elements(By.CSS_SELECTOR, "svg.drift circle")
     assert browser.find_elements(By.CSS_SELECTOR, "svg.versions circle")

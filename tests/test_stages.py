@@ -107,6 +107,9 @@ def test_evaluate_scores_gates_and_refuses_to_promote_a_bad_student(curated, sto
     assert rep["gate"]["passed"] is False and rep["promoted"] is False  # a random model calls no tools
     assert Registry(store).alias("sgd_Flights") is None
     assert store.exists("reports/sgd_Flights/v1/eval.md")
+    # no learning curve in this home yet: the report says what the agent has and that nothing is forecast
+    assert rep["traffic"]["records"] == curated["counts"]["train"] and rep["traffic"]["state"] == "no forecast"
+    assert "Traffic: " in store.read_text("reports/sgd_Flights/v1/eval.md")
     assert Registry(store).get("sgd_Flights", "v1")["scores"]["gate"] is False
     # gated as Serve decodes it: under each request's grammar; those are the scores the registry keeps
     assert rep["gated"] == rep["gate"]["system"] == "candidate_constrained"

@@ -88,3 +88,34 @@ def _accuracy(p: dict) -> float:
     if "accuracy" in p:
         return p["accuracy"]
     return sum(p["correct"]) / len(p["correct"]) if p["correct"] else 0.0
+
+
+def curve_path(agent: str) -> str:
+    """Where an agent's latest learning curve lives in the home (written by `bench/learning_curve.py --home`)."""
+    return f"reports/{agent}/learning.json"
+
+
+def save_curve(store, agent: str, curve: dict) -> None:
+    """Keep an agent's curve ({"points", "forecast", "n_test", ...}) where the report and the status page read it."""
+    store.write_json(curve_path(agent), curve)
+
+
+def traffic(curve: dict | None, records: int | None, gate_passed: bool | None) -> dict:
+    """What more traffic would do for an agent: the train records it has, the forecast records for the curve's goal
+    (with its 90% interval), and its state: `served` (the gate passed), `waiting for traffic` (the forecast is
+    beyond the records it has), `plateau` (the curve has flattened below the goal: more of the same traffic is not
+    forecast to help), `no forecast` (no curve, or one with no reachable fit) or `failing` (the forecast says the
+    records it has should do, yet the gate failed)."""
+    fc = (curve or {}).get("forecast") or {}
+    out = {"records": records, "goal": fc.get("goal"), "forecast": fc.get("n"), "low": fc.get("low"),
+           "high": fc.get("high"), "plateau": bool(fc.get("plateau")),
+           "sizes": [p.get("n") for p in (curve or {}).get("points") or []]}
+    if gate_passed:
+        state = "served"
+    elif out["plateau"] and not fc.get("reached"):
+        state = "plateau"
+    elif out["forecast"] is None or records is None:
+        state = "no forecast"
+    else:
+        state = "waiting for traffic" if out["forecast"] > records else "failing"
+    return {**out, "state": state}

@@ -338,6 +338,7 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
     registry.record_scores(cfg.agent, candidate["version"],
                            dict(report[report["gated"]]) | {"gate": report["gate"]["passed"],
                                                             "metric": report["metric"]})
+    report["traffic"] = traffic_of(store, cfg.agent, report)
     prefix = f"reports/{cfg.agent}/{candidate['version']}"
     store.write_json(f"{prefix}/eval.json", report)
     text = markdown(report)
@@ -345,6 +346,34 @@ def _gate_and_record(cfg: EvaluateConfig, store: Store, registry, report: dict, 
     tracking.log_evaluation(report, text, store, cfg.tracking_uri)
     report["report"] = store.path(f"{prefix}/eval.md")
     return report
+
+
+def traffic_of(store: Store, agent: str, report: dict) -> dict:
+    """The records the agent trained on against its learning curve's forecast (`flywheel.evaluate.learning`)."""
+    from flywheel.datasets import read_manifest
+    from flywheel.evaluate.learning import curve_path, traffic
+
+    try:
+        curve = store.read_json(curve_path(agent)) if store.exists(curve_path(agent)) else None
+        manifest = read_manifest(store, agent, report["dataset_version"]) or {}
+    except ValueError:
+        curve, manifest = None, {}
+    records = (manifest.get("counts") or {}).get("train")
+    return traffic(curve if isinstance(curve, dict) else None, records if isinstance(records, int) else None,
+                   report["gate"]["passed"])
+
+
+def traffic_markdown(t: dict | None) -> str:
+    """The report's traffic line: records, the curve's forecast for its goal, and the agent's state."""
+    if not t:
+        return ""
+    sizes = ", ".join(str(n) for n in t.get("sizes") or []) or "none yet (`bench/learning_curve.py --home`)"
+    forecast = ("no reachable forecast" if t.get("forecast") is None else
+                f"name + arguments {t['goal']} forecast at ~{t['forecast']:,.0f} train records"
+                + (f" (90%: {t['low']:,.0f} - {t['high']:,.0f})" if t.get("low") is not None else ""))
+    return (f"Traffic: {'-' if t.get('records') is None else t['records']} train records; learning curve at sizes "
+            f"{sizes}: {forecast}{'; the last size is a plateau' if t.get('plateau') else ''}. "
+            f"State: **{t['state']}**.\n\n")
 
 
 def _fmt(x) -> str:
@@ -405,5 +434,5 @@ def markdown(report: dict) -> str:
             f"{'-' if ratio is None else f'{ratio:.1f}x'} the student.\n\n"
             f"Gate ({gate.get('metric')} of `{gated}`, the candidate as Serve decodes it: {rule}, no regression "
             f"of production): {verdict}\n\nPromoted: {report['promoted']}\n\n"
-            f"{selective_markdown(report.get('selective'))}\n"
+            f"{selective_markdown(report.get('selective'))}\n{traffic_markdown(report.get('traffic'))}"
             f"Sample `{gated}` answers:\n\n```json\n{json.dumps(report['samples'].get(gated), indent=1)}\n```\n")

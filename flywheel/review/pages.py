@@ -266,6 +266,19 @@ def _certificate_cell(cert: dict | None) -> str:
             f'w.p. &ge; {_num(1 - (cert.get("delta") or 0))}, coverage {_num(cert.get("coverage"))}</div>')
 
 
+def _traffic_cell(t: dict | None) -> str:
+    """Records the agent has, and what its learning curve forecasts for the goal."""
+    if not t:
+        return ""
+    have = "-" if t.get("records") is None else f'{t["records"]:,}'
+    forecast = "" if t.get("forecast") is None else (
+        f' · goal {_num(t.get("goal"))} at ~{t["forecast"]:,.0f}'
+        + (f' ({t["low"]:,.0f}-{t["high"]:,.0f})' if t.get("low") is not None else ""))
+    tag = {"served": "ok", "waiting for traffic": "warn", "plateau": "bad", "failing": "bad"}.get(t["state"], "")
+    return (f'<span class="tag {tag} traffic">{e(t["state"])}</span>'
+            f'<div class="muted">{have} train records{e(forecast)}</div>')
+
+
 def status_row_html(row: dict) -> str:
     route = row["route"]
     tag = "ok" if route["backend"] == "student" else "warn"
@@ -282,13 +295,14 @@ def status_row_html(row: dict) -> str:
             f'<td><span class="tag {drift_tag}">{e(drift["state"])}</span><div class="muted">'
             f'{len(drift["events"])} drift event(s){last_share}</div></td>'
             f'<td>{len(row["retrain"])} queued{retrain}</td><td>{_cycle_cell(row)}</td>'
+            f'<td>{_traffic_cell(row.get("traffic"))}</td>'
             f'<td><a href="/review">{e(row.get("review_items", 0))} open</a></td></tr>')
 
 
 def status_page(rows: Sequence[dict], refresh_s: int = 30) -> str:
     """One table row per agent and, below, its drift and quality plots (refreshes every `refresh_s`)."""
     head = ("<tr><th>agent</th><th>backend</th><th>production vs teacher (95% interval)</th><th>cost</th>"
-            "<th>drift</th><th>retrain queue</th><th>last cycle</th><th>review</th></tr>")
+            "<th>drift</th><th>retrain queue</th><th>last cycle</th><th>traffic</th><th>review</th></tr>")
     table = (f'<table id="agents">{head}{"".join(status_row_html(r) for r in rows)}</table>' if rows else
              '<p class="muted" id="empty">No agents visible to this key.</p>')
     plots = "".join(f'<div class="card" id="plots-{e(r["agent"])}"><div class="plots">{drift_plot(r)}'

@@ -11,6 +11,8 @@ Sources, per agent:
     controller/events/<agent>-*.json                  the controller's steps; `monitor` steps carry the drift share
                                                       of every check, drifted or not
     queue/retrain/, review/queue/<agent>/             pending retrains and open review items
+    reports/<agent>/learning.json + the latest dataset's manifest   the learning curve's forecast against the train
+                                                      records the agent has: waiting for traffic, or failing
 Files that are missing or malformed are skipped: a fresh home gives rows with empty fields, never an error.
 """
 
@@ -158,6 +160,25 @@ def drift(store: Store, agent: str, route: dict, monitor_steps: list[dict]) -> d
     return {"state": now, "events": events[-HISTORY:], "threshold": threshold, "series": series[-HISTORY:]}
 
 
+def traffic_row(store: Store, agent: str, latest: dict | None) -> dict:
+    """`flywheel.evaluate.learning.traffic` for the agent: its latest dataset's train records, its curve, and whether
+    its latest version passed the gate."""
+    from flywheel.datasets import latest_version, read_manifest
+    from flywheel.evaluate.learning import curve_path, traffic
+
+    version = latest_version(store, agent)
+    try:
+        manifest = read_manifest(store, agent, version) if version else None
+        curve = store.read_json(curve_path(agent)) if store.exists(curve_path(agent)) else None
+    except ValueError:
+        manifest, curve = None, None
+    counts = (manifest or {}).get("counts") if isinstance(manifest, dict) else None
+    records = _number((counts or {}).get("train")) if isinstance(counts, dict) else None
+    scores = (latest or {}).get("scores") if isinstance((latest or {}).get("scores"), dict) else {}
+    return traffic(curve if isinstance(curve, dict) else None, None if records is None else int(records),
+                   scores.get("gate") if latest else None)
+
+
 def status_row(store: Store, agent: str, queue: list[dict] | None = None) -> dict:
     from flywheel.review.queue import list_items
 
@@ -173,7 +194,8 @@ def status_row(store: Store, agent: str, queue: list[dict] | None = None) -> dic
             "versions": versions(store, agent, entry["version"] if entry else None),
             "retrain": [q for q in queue if isinstance(q, dict) and q.get("agent") == agent],
             "last_cycle": cycles[-1] if cycles else None, "cycle_events": cycles[-10:],
-            "review_items": len(list_items(store, [agent]))}
+            "review_items": len(list_items(store, [agent])),
+            "traffic": traffic_row(store, agent, (registry.versions(agent) or [None])[-1])}
 
 
 def status_rows(store: Store, agents: Iterable[str]) -> list[dict]:
