@@ -16,7 +16,7 @@ with 95% bootstrap intervals. `flywheel.evaluate.learning.forecast` fits error(n
 and gives the records for `--goal` with a 90% interval over resampled test examples, or says the last size is a
 plateau. Each agent's curve is also kept in the home (`reports/<agent>/learning.json`), where its next evaluation
 report and the status page compare the forecast with the records it has. The plot goes beside the JSON (`.png`). Results are written after every size: a stopped run keeps what
-finished.
+finished, and `--resume` (same settings and `--home`) runs only the sizes it lacks.
 """
 
 from __future__ import annotations
@@ -70,15 +70,27 @@ def bench_agent(args, store, agent: str, out: dict, path: str) -> dict:
     from flywheel.evaluate.learning import forecast, save_curve
 
     test = open_split(store, agent, resolve_version(store, agent), TEST).rows()[: args.max_test or None]
+    kept = {p["asked"]: p for p in (out["agents"].get(agent) or {}).get("points", [])}  # --resume
     result = {"agent": agent, "n_test": len(test), "points": [], "goal": args.goal}
     out["agents"][agent] = result
     for n in args.sizes:
-        result["points"].append(size_point(args, store, agent, n, test))
+        result["points"].append(kept.get(n) or size_point(args, store, agent, n, test))
+        save("learning", out, path, quiet=True)  # the point is kept before anything else can fail
         result["forecast"] = forecast(result["points"], args.goal)
         save("learning", out, path, quiet=True)
         save_curve(store, agent, result)  # where the agent's eval report and the status page read it
         print_agent(result)
     return result
+
+
+def resumed(args) -> dict:
+    """The run at `--out`, whose finished sizes are kept, after checking it ran with these settings."""
+    saved = json.load(open(args.out))
+    same = ("epochs", "lr", "max_steps", "workers", "batch_size", "max_length", "max_test", "max_new_tokens", "home")
+    changed = [k for k in same if saved["settings"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume: {args.out} ran with other {', '.join(changed)}; its sizes are not comparable")
+    return saved
 
 
 def print_agent(r: dict) -> None:
@@ -94,7 +106,7 @@ def print_agent(r: dict) -> None:
     fc = r.get("forecast") or {}
     fit = fc.get("fit")
     if fit:
-        print(f"   fit: error(n) = {fit['a']:.3g} * n^-{fit['b']:.3g}; name + arguments {fc['goal']} at "
+        print(f"   fit: error(n) = {fit['a']:.3g} * n^({-fit['b']:.3g}); name + arguments {fc['goal']} at "
               + (f"{fc['n']:,.0f} records" if fc.get("n") else "no size within reach")
               + (f" (90%: {fc['low']:,.0f} - {fc['high']:,.0f})" if fc.get("low") else "")
               + ("; the last size is a plateau" if fc.get("plateau") else ""))
@@ -145,11 +157,15 @@ def main() -> None:
     ap.add_argument("--home", default="")
     ap.add_argument("--base-model", default="")
     ap.add_argument("--out", default="")
-    ap.add_argument("--report", default="", help="reprint a saved run")
+    ap.add_argument("--report", default="", help="reprint a saved run and draw its plot")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the sizes --out already holds (run with the same settings and --home)")
     args = ap.parse_args()
-    if args.report:
-        for r in json.load(open(args.report))["agents"].values():
+    if args.report:  # reprint a saved run, and draw its plot (a stopped run has none yet)
+        saved = json.load(open(args.report))
+        for r in saved["agents"].values():
             print_agent(r)
+        print("plot:", plot(saved, args.report))
         return
     args.agents = [a for a in args.agents.split(",") if a]
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -161,8 +177,11 @@ def main() -> None:
 
     store = Store(args.home or tempfile.mkdtemp(prefix="flywheel-learning-"))
     out = {"command": "python bench/learning_curve.py " + shlex.join(sys.argv[1:]), "started": time.time(),
-           "settings": {k: v for k, v in vars(args).items() if k != "report"}, "agents": {}}
-    out["curated"] = {a: (m or {}).get("counts") for a, m in prepare(args, store).items()}
+           "settings": {k: v for k, v in vars(args).items() if k not in ("report", "resume")}, "agents": {}}
+    if args.resume:  # the home already holds the curated splits
+        out.update({k: v for k, v in resumed(args).items() if k in ("agents", "curated")})
+    else:
+        out["curated"] = {a: (m or {}).get("counts") for a, m in prepare(args, store).items()}
     path = save("learning", out, args.out)
     for agent in args.agents:
         bench_agent(args, store, agent, out, path)

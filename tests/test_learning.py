@@ -20,6 +20,7 @@ def test_the_fit_recovers_a_known_power_law_and_forecasts_its_records():
     assert predict(fit, 900) == pytest.approx(0.9)
     assert records_for(fit, 0.9) == pytest.approx(900)
     assert records_for({"a": 1.0, "b": -0.1}, 0.9) is None  # a curve that does not fall never gets there
+    assert records_for({"a": 0.9, "b": 1e-4}, 0.8) is None  # nearly flat: far beyond reach, not an overflow
     assert fit_curve([{"n": 10, "accuracy": 0.5}]) is None
 
 

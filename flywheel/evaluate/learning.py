@@ -45,8 +45,8 @@ def records_for(fit: dict | None, goal: float) -> float | None:
     curve that does not fall) or only past `MAX_FORECAST`."""
     if fit is None or fit["b"] <= 0:
         return None
-    n = (fit["a"] / (1 - goal)) ** (1 / fit["b"])
-    return n if n <= MAX_FORECAST else None
+    log_n = math.log(fit["a"] / (1 - goal)) / fit["b"]  # in logs: a nearly flat curve overflows a float
+    return math.exp(log_n) if log_n <= math.log(MAX_FORECAST) else None
 
 
 def forecast(points: list[dict], goal: float, draws: int = 1000, seed: int = 0) -> dict:
