@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import save  # noqa: E402  (bench/results.py)
-from serve import PROMPTS as SERVE_PROMPTS  # noqa: E402  (bench/serve.py)
+from traffic import PROMPTS as SERVE_PROMPTS  # noqa: E402  (bench/traffic.py)
 
 PROMPTS = SERVE_PROMPTS + ["Write a short poem about the sea.", "Explain what a LoRA adapter is in two sentences."]
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

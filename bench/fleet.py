@@ -26,7 +26,7 @@ import shutil
 import time
 
 import results
-from serve import PROMPTS, free_port, one, pct  # bench/serve.py
+from traffic import PROMPTS, free_port, one, pct  # bench/traffic.py
 
 ZIPF_SEED = 7
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,20 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results  # noqa: E402  (bench/results.py)
-
-PROMPTS = ["Find me a flight from San Francisco to Seattle on March 3rd.",
-           "I want a table for two at an Italian place in Oakland tonight.",
-           "Book a hotel in Paris for three nights starting Friday.",
-           "What's the weather going to be like in Denver tomorrow?",
-           "Play something by Taylor Swift in the living room.",
-           "I need a ride to the airport at 6 am."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from traffic import PROMPTS, free_port, one, pct  # noqa: E402  (bench/traffic.py)
 
 def make_adapter(base: str, out_dir: str, seed: int, rank: int) -> str:
     import torch
@@ -76,26 +62,6 @@ def build_home(root: str, base: str, agents: int, rank: int) -> tuple[str, list[
     return store.uri, names
 
 
-async def one(client, agent: str, prompt: str, stream: bool, max_tokens: int) -> dict:
-    messages = [{"role": "user", "content": prompt}]
-    start = time.perf_counter()
-    if not stream:
-        c = await client.chat.completions.create(model=agent, messages=messages, max_tokens=max_tokens)
-        total = time.perf_counter() - start
-        return {"ttft": total, "total": total, "tokens": c.usage.completion_tokens}
-    first, tokens = None, 0
-    s = await client.chat.completions.create(model=agent, messages=messages, max_tokens=max_tokens, stream=True,
-                                             stream_options={"include_usage": True})
-    async for ch in s:
-        delta = ch.choices[0].delta if ch.choices else None
-        if first is None and delta is not None and (delta.content or delta.tool_calls):
-            first = time.perf_counter() - start
-        if ch.usage:
-            tokens = ch.usage.completion_tokens
-    total = time.perf_counter() - start
-    return {"ttft": first if first is not None else total, "total": total, "tokens": tokens}
-
-
 async def run_mode(url: str, agents: list[str], stream: bool, requests: int, concurrency: int,
                    max_tokens: int) -> dict:
     import openai
@@ -112,11 +78,6 @@ async def run_mode(url: str, agents: list[str], stream: bool, requests: int, con
     wall = time.perf_counter() - start
     await client.close()
     return summarise(results, wall)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def summarise(results: list[dict], wall: float) -> dict:

@@ -1,0 +1,47 @@
+"""What the serving benchmarks send and how they count it: the prompts, one timed chat completion from an official
+`openai` client (streamed or not), percentiles, a free port. `bench/serve.py`, `bench/fleet.py` and
+`bench/engine.py` share these so their figures are measured the same way.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+PROMPTS = ["Find me a flight from San Francisco to Seattle on March 3rd.",
+           "I want a table for two at an Italian place in Oakland tonight.",
+           "Book a hotel in Paris for three nights starting Friday.",
+           "What's the weather going to be like in Denver tomorrow?",
+           "Play something by Taylor Swift in the living room.",
+           "I need a ride to the airport at 6 am."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one(client, agent: str, prompt: str, stream: bool, max_tokens: int) -> dict:
+    messages = [{"role": "user", "content": prompt}]
+    start = time.perf_counter()
+    if not stream:
+        c = await client.chat.completions.create(model=agent, messages=messages, max_tokens=max_tokens)
+        total = time.perf_counter() - start
+        return {"ttft": total, "total": total, "tokens": c.usage.completion_tokens}
+    first, tokens = None, 0
+    s = await client.chat.completions.create(model=agent, messages=messages, max_tokens=max_tokens, stream=True,
+                                             stream_options={"include_usage": True})
+    async for ch in s:
+        delta = ch.choices[0].delta if ch.choices else None
+        if first is None and delta is not None and (delta.content or delta.tool_calls):
+            first = time.perf_counter() - start
+        if ch.usage:
+            tokens = ch.usage.completion_tokens
+    total = time.perf_counter() - start
+    return {"ttft": first if first is not None else total, "total": total, "tokens": tokens}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
