@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
@@ -363,8 +362,3 @@ def _summary(cfg: DemoConfig, store: Store, reports: dict, answered: dict, drift
             "promoted": {a: reports[a]["promoted"] for a in cfg.agents},
             "selective": {a: _selective_row(a, reports[a])[1:] for a in cfg.agents}, "live": answered,
             "drift": drift}
-
-if __name__ == "__main__":
-    from flywheel.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))
