@@ -24,7 +24,8 @@ Every pass, for every agent (config `agents`, else every agent with a production
 
 Every decision is an event, `controller/events/<agent>-<ms>-<step>.json` = {agent, cycle, step, status, at,
 detail}: the status page and `flywheel run --passes 0 --dry-run`-style tools read them. One controller per home:
-the pass holds `controller/lease.json` (a controller that finds a live lease of another waits). Steps run one
+the pass holds `controller/lease.json` (`flywheel.lease`: taken, renewed during long steps and released by
+compare-and-swap; a controller that finds a live lease of another waits). Steps run one
 at a time in this process, which is a Ray driver: curation uses Ray Data and training Ray Train on the cluster.
 """
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from flywheel.config import ConfigError, CurateConfig, DistillConfig, EvaluateConfig, MonitorConfig, check_ids, \
     default_student_path, load
+from flywheel.lease import Lease, holder_id
 from flywheel.routing import promoted_mode, retrain_queue, set_route
 from flywheel.storage import Store
 
@@ -141,7 +142,8 @@ class Controller:
         self.distill = {**_overrides(DistillConfig, cfg.distill_config), **(distill or {})}
         self.evaluate = {**_overrides(EvaluateConfig, cfg.evaluate_config), **(evaluate or {})}
         self.monitor = _overrides(MonitorConfig, cfg.monitor_config)
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.id = holder_id()
+        self.lease = Lease(self.store, LEASE, self.id, cfg.lease_s, clock)
         self._seq = 0
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -156,16 +158,20 @@ class Controller:
         return done
 
     def pass_once(self) -> dict:
-        if not self._take_lease():
+        """Every agent's turn, while this controller holds the lease (renewed as long as a step takes)."""
+        if not self.lease.acquire():
             return {"lease": "held by another controller"}
+        done: dict[str, str] = {}
         try:
-            return {agent: self._tick_leased(agent) for agent in self.agents()}
+            with self.lease.kept():
+                for agent in self.agents():
+                    if not self.lease.renew():  # a step outlasted lease_s unrenewed, and another controller took over
+                        done[agent] = "skipped: the lease was lost"
+                        continue
+                    done[agent] = self.tick(agent)
+            return done
         finally:
-            self.store.write_json(LEASE, {"holder": None, "until": 0, "released_by": self.id})
-
-    def _tick_leased(self, agent: str) -> str:
-        self.store.write_json(LEASE, {"holder": self.id, "until": self.clock() + self.cfg.lease_s})
-        return self.tick(agent)
+            self.lease.release()
 
     def agents(self) -> list[str]:
         if self.cfg.agents:
@@ -398,30 +404,6 @@ class Controller:
         logger.info("%s %s %s: %s", agent, step, status, detail)
         metrics.observe(record, self.state(agent))
         return record
-
-    def _take_lease(self) -> bool:
-        """One controller per home: a pass runs only while this controller holds the lease. A lease is free when
-        released, expired, or held by a process of this host that no longer exists (a killed controller)."""
-        lease, token = self.store.read_json_versioned(LEASE)
-        holder = (lease or {}).get("holder")
-        if holder not in (None, self.id) and float(lease.get("until") or 0) > self.clock() and _alive(holder):
-            return False
-        # compare-and-swap: of two controllers that saw the same free lease, one wins
-        return self.store.write_json_if(LEASE, {"holder": self.id, "until": self.clock() + self.cfg.lease_s}, token)
-
-
-def _alive(holder: str) -> bool:
-    """False only when the holder is a process of this host that is gone; other hosts count as alive."""
-    parts = holder.rsplit("-", 2)
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return True
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def events(store: Store, agent: str | None = None) -> list[dict]:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
+import urllib.request
+import uuid
 from typing import Iterator
 
 import pytest
@@ -149,3 +152,32 @@ def fake_aws_credentials(monkeypatch) -> None:
     for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                  ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(k, v)
+
+
+CAS_BUCKET = "flywheel-cas"
+
+
+@pytest.fixture
+def s3_home(monkeypatch):
+    """An `s3://` home on a moto server whose conditional PutObject is atomic, as S3's is."""
+    pytest.importorskip("s3fs")
+    from moto.s3.responses import S3Response
+
+    put, lock = S3Response.put_object, threading.Lock()
+
+    def atomic_put(self, *args, **kwargs):  # S3 checks a condition and writes as one step; moto does not
+        with lock:
+            return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "put_object", atomic_put)
+    fake_aws_credentials(monkeypatch)
+    with moto_s3(CAS_BUCKET) as endpoint:
+        monkeypatch.setenv("FLYWHEEL_S3_ENDPOINT", endpoint)
+        yield f"s3://{CAS_BUCKET}/home-{uuid.uuid4().hex[:8]}"  # moto's objects outlive the server within the process
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def home_uri(request, tmp_path):
+    """The same test on a local home and on `s3://` (both support conditional writes)."""
+    return str(tmp_path / "home") if request.param == "local" else request.getfixturevalue("s3_home")

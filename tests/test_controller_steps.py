@@ -104,5 +104,20 @@ def test_the_budget_defers_a_cycle(store):
 def test_one_controller_per_home(store):
     first = Controller(ControllerConfig(home=store.uri, monitor=False, agents=("a1",)), store)
     second = Controller(ControllerConfig(home=store.uri, monitor=False, agents=("a1",)), store)
-    assert first._take_lease()
+    assert first.lease.acquire()
     assert second.pass_once() == {"lease": "held by another controller"}
+
+
+def test_a_controller_that_lost_its_lease_stops_and_leaves_the_new_holder_alone(store):
+    clock = Clock()
+    config = ControllerConfig(home=store.uri, monitor=False, agents=("a1", "a2"), lease_s=60)
+    first, second = Controller(config, store, clock=clock), Controller(config, store, clock=clock)
+
+    def stall(agent: str) -> str:  # a1's turn outlasts the lease unrenewed; the second controller takes over
+        clock.now += 61
+        assert second.lease.acquire()
+        return "idle"
+
+    first.tick = stall
+    assert first.pass_once() == {"a1": "idle", "a2": "skipped: the lease was lost"}
+    assert store.read_json("controller/lease.json")["holder"] == second.id

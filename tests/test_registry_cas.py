@@ -19,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,9 +27,7 @@ from flywheel import storage
 from flywheel.registry.registry import PromotionConflict, Registry, RegistryError
 from flywheel.storage import Store
 
-from conftest import REPO, fake_aws_credentials, moto_s3
-
-BUCKET = "flywheel-registry"
+from conftest import REPO
 
 PROMOTE = r"""
 import sys
@@ -61,30 +57,6 @@ os.replace = held
 Registry(Store(sys.argv[1])).promote("a", "v1", expected=None)
 print("done", flush=True)
 """
-
-
-@pytest.fixture
-def s3_home(monkeypatch):
-    pytest.importorskip("s3fs")
-    from moto.s3.responses import S3Response
-
-    put, lock = S3Response.put_object, threading.Lock()
-
-    def atomic_put(self, *args, **kwargs):  # S3 checks a condition and writes as one step; moto does not
-        with lock:
-            return put(self, *args, **kwargs)
-
-    monkeypatch.setattr(S3Response, "put_object", atomic_put)
-    fake_aws_credentials(monkeypatch)
-    with moto_s3(BUCKET) as endpoint:
-        monkeypatch.setenv("FLYWHEEL_S3_ENDPOINT", endpoint)
-        yield f"s3://{BUCKET}/home-{uuid.uuid4().hex[:8]}"  # moto's objects outlive the server within the process
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
-
-
-@pytest.fixture(params=["local", "s3"])
-def home_uri(request, tmp_path):
-    return str(tmp_path / "home") if request.param == "local" else request.getfixturevalue("s3_home")
 
 
 def _adapter(tmp_path, name: str, mark: int = 0) -> str:
