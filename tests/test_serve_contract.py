@@ -239,6 +239,18 @@ def test_tool_choice_and_response_format_are_honoured(app):
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
+def test_a_tool_schema_the_grammar_cannot_enforce_is_400_naming_tools(app):
+    import openai
+
+    broken = {"type": "function", "function": {"name": "Broken", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client(app).chat.completions.create(model="sgd_Flights", messages=ASK, tools=[broken], max_tokens=16,
+                                            tool_choice="required")
+    err = e.value.body
+    assert err["code"] == "invalid_schema" and err["param"] == "tools" and "Broken" in err["message"]
+
+
 def test_sampling_parameters_are_honoured(app):
     c = client(app)
     ask = dict(model="sgd_Flights", messages=ASK, max_tokens=12, temperature=1.0, top_p=0.9)

@@ -28,8 +28,9 @@ JSON is written the way `json.dumps` writes it (", " and ": ", no other whitespa
 targets; tool arguments keep their keys in sorted order, as the targets do (`ingest.canonical_json`), so the grammar
 does not fight what the student learned. A response_format schema keeps its declared order (OpenAI's behaviour).
 
-xgrammar (`pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2`: its wheel also names triton, which
-only its CUDA kernel imports) is imported lazily: `import flywheel.inference.grammar` works without it.
+xgrammar is a dependency of the package, imported lazily: `import flywheel.inference.grammar` works without it, and
+compiling a grammar on a node that lacks it raises `GrammarUnavailable` naming it (a server fault, never taken
+for a bad schema).
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ class GrammarError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class GrammarUnavailable(RuntimeError):
+    """xgrammar is not installed on this node: a broken install, not a bad request."""
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise GrammarUnavailable(f"constrained decoding needs xgrammar, which this node cannot import ({e}): "
+                                 "install the flywheel package with its dependencies (`pip install xgrammar==0.2.9`)"
+                                 ) from None
+    return xgrammar
 
 
 # -- what the answer must be ---------------------------------------------------------------------------------
@@ -147,7 +162,7 @@ def _arguments(tool: dict, lenient: bool) -> str:
 
 
 def _json_ebnf(schema: dict, what: str, param: str) -> str:
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     try:
         return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=SEPARATORS,
@@ -180,7 +195,7 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None, stop_token_ids: list[int] | None = None,
                  cache_size: int = 256, max_threads: int = 2):
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         vocab_size = vocab_size or len(tokenizer)
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
@@ -222,7 +237,7 @@ class RowGrammars:
     """
 
     def __init__(self, grammars: list[Any], tokenizer: Any = None, eos_token_id: int | list[int] | None = None):
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         self.grammars = list(grammars)
         self.rows = [i for i, g in enumerate(self.grammars) if g is not None]
@@ -253,7 +268,7 @@ class RowGrammars:
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         if not self.rows:
             return scores

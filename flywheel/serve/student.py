@@ -58,6 +58,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from flywheel.config import ConfigError, ServeConfig
+from flywheel.inference.grammar import GrammarError
 from flywheel.registry.registry import Registry
 from flywheel.storage import Store, flocked
 
@@ -326,8 +327,8 @@ class StudentModel:
             return
         try:
             grammar = await asyncio.to_thread(self.engine.grammar, constraint)
-        except Exception as e:  # a schema xgrammar cannot compile
-            param = getattr(e, "param", None) or "tools"
+        except GrammarError as e:  # a schema xgrammar cannot compile; a node without xgrammar raises on, as 500
+            param = e.param or "tools"
             yield _error(400, f"{param}: {e}", param, "invalid_schema")
             return
         try:
