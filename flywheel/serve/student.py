@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ray import serve
 
@@ -75,8 +75,10 @@ class AdapterCache:
     node share the copy). Versions are immutable, so a copy never goes stale.
 
     `max_bytes` (0: no limit) bounds the folder: after each copy the least recently used copies (a use touches the
-    folder's mtime) are deleted until the rest fits, never the one just copied and never one used in the last
-    `grace_s` seconds (a replica may be reading it: the folder can then exceed the bound for that long)."""
+    folder's mtime) are deleted until the rest fits, never the one just copied, never one used in the last
+    `grace_s` seconds, and never one a replica holds (`hold`: a shared `flock` on `<copy>.inuse` for as long as
+    the adapter is loaded, since an engine reads the folder again when it evicts the adapter from its slot and
+    needs it back; the kernel drops the lock of a replica that dies). The folder may then exceed the bound."""
 
     def __init__(self, store: Store, cache_dir: str, max_bytes: int = 0, grace_s: float = 600.0):
         self.store, self.max_bytes, self.grace_s = store, max_bytes, grace_s
@@ -107,6 +109,21 @@ class AdapterCache:
                 self._prune(keep=dest)
         return dest
 
+    def hold(self, entry: dict) -> tuple[str, Callable[[], None]]:
+        """(the adapter's folder on this node, release): the copy is kept from pruning until `release()`."""
+        if self.store.local:
+            return self.store.path(entry["adapter"]), lambda: None
+        import fcntl
+
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(f"{self._dest(entry['adapter'])}.inuse", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # before the copy is looked at: a pruner cannot take it from here on
+        try:
+            return self.path(entry), _closer(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def _prune(self, keep: str) -> None:
         """Delete the least recently used copies until the folder fits `max_bytes` (under the folder's lock)."""
         if not self.max_bytes:
@@ -120,8 +137,7 @@ class AdapterCache:
         for mtime, folder, size in sorted(copies):
             if total <= self.max_bytes:
                 break
-            if folder != keep and now - mtime >= self.grace_s:
-                shutil.rmtree(folder, ignore_errors=True)
+            if folder != keep and now - mtime >= self.grace_s and _delete_unheld(folder):
                 total -= size
                 self.pruned += 1
 
@@ -134,6 +150,33 @@ class AdapterCache:
         return os.path.join(self.dir, hashlib.sha256(f"{self.store.uri}\n{rel}".encode()).hexdigest()[:24])
 
 
+def _delete_unheld(folder: str) -> bool:
+    """Delete a cached copy unless a replica holds it (see `AdapterCache.hold`); True when deleted."""
+    import fcntl
+
+    fd = os.open(f"{folder}.inuse", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)  # the lock file stays: a replica waiting on it must lock the file the next pruner locks
+
+
+def _closer(fd: int) -> Callable[[], None]:
+    """Close `fd` on the first call only (an adapter is released once, however many paths lead there)."""
+    done = threading.Lock()
+
+    def close() -> None:
+        if done.acquire(blocking=False):
+            os.close(fd)
+    return close
+
+
 def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
@@ -142,8 +185,8 @@ class _Adapter:
     """One adapter held by this replica. Serve's multiplexer calls `__del__` when it evicts it (LRU); the unload
     waits for requests already holding it. Python calls `__del__` again at garbage collection: that is a no-op."""
 
-    def __init__(self, engine: Any, model_id: str, name: str):
-        self.engine, self.model_id, self.name = engine, model_id, name
+    def __init__(self, engine: Any, model_id: str, name: str, release_copy: Callable[[], None] = lambda: None):
+        self.engine, self.model_id, self.name, self.release_copy = engine, model_id, name, release_copy
         self._users, self._evicted, self._gone = 0, False, False
         self._lock = threading.Lock()
 
@@ -169,6 +212,7 @@ class _Adapter:
                 return
             self._gone = True
         self.engine.unload_adapter(self.name)
+        self.release_copy()  # the node copy may be pruned now
         logger.info("unloaded adapter %s (%s)", self.model_id, self.name)
 
     def __del__(self) -> None:
@@ -248,9 +292,13 @@ class StudentModel:
             raise AdapterError(f"{model_id} is not registered: {e}") from None
         # A fresh engine name per load, so a late unload of an evicted copy never hits a reloaded one.
         name = f"{re.sub(r'[^A-Za-z0-9_@-]', '_', model_id)}-{uuid.uuid4().hex[:6]}"
+        release = None
         try:
-            self.engine.load_adapter(name, self.disk.path(entry))
+            path, release = self.disk.hold(entry)
+            self.engine.load_adapter(name, path)
         except Exception as e:
+            if release is not None:
+                release()
             self.stats["adapter_failures"] += 1
             if isinstance(e, AdapterFormatError):
                 self.disk.forget(entry)
@@ -260,7 +308,7 @@ class StudentModel:
         self._model_ids[name] = model_id
         self.stats["adapter_loads"] += 1
         logger.info("loaded adapter %s from %s", model_id, entry["adapter"])
-        return _Adapter(self.engine, model_id, name)
+        return _Adapter(self.engine, model_id, name, release)
 
     async def prewarm(self, agents: list[str]) -> dict:
         """Load the production adapters of `agents` into this replica (slots and Serve's model ids) before their
