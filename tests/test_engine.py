@@ -272,6 +272,16 @@ def test_remote_adapters_are_copied_to_the_node_once(tiny_model, adapters, tmp_p
         recent = AdapterCache(store, str(tmp_path / "cache"), max_bytes=size + size // 2, grace_s=600)
         assert recent.path(entry) == first and os.path.exists(second)  # used within grace_s: kept, over the bound
         assert recent.pruned == 0 and recent.copies == 1
+        # a copy a replica holds (its adapter is loaded, and the engine may read the folder again) is never pruned
+        held, release = recent.hold(entry)
+        pruner = AdapterCache(store, str(tmp_path / "cache"), max_bytes=size + size // 2, grace_s=0)
+        store.upload(adapters["b"], "adapters/sgd_Hotels/v2")
+        pruner.path({"version": "v2", "adapter": "adapters/sgd_Hotels/v2"})
+        assert held == first and os.path.exists(os.path.join(held, "adapter_config.json")) and pruner.pruned == 1
+        release()  # unloaded: the next copy may prune it
+        store.upload(adapters["a"], "adapters/sgd_Buses/v1")
+        pruner.path({"version": "v1", "adapter": "adapters/sgd_Buses/v1"})
+        assert not os.path.exists(held)
     local = Store(str(tmp_path / "home"))
     local.upload(adapters["a"], "adapters/x/v1")
     assert AdapterCache(local, str(tmp_path / "unused")).path({"adapter": "adapters/x/v1"}) == \
@@ -364,3 +374,30 @@ def test_answers_are_batched_by_system_turn_and_returned_in_the_callers_order(ti
     assert engine.stats()["prefill_tokens_shared"] > 0
     alone = [generate_answers(engine_with(tiny_model, adapters), [p], "b", 1, 6)["answers"][0] for p in mixed]
     assert run["answers"] == alone
+
+
+def test_evaluation_copies_an_s3_adapter_into_a_folder_of_its_own(tiny_model, adapters, s3_home):
+    """Not Serve's node cache (whose pruning could delete it mid-evaluation) nor a fixed path two evaluations share;
+    removed with the engine that reads it."""
+    import gc
+    import glob
+    import tempfile
+
+    from flywheel.config import EvaluateConfig
+    from flywheel.evaluate.run import _load
+    from flywheel.registry.registry import Registry
+    from flywheel.storage import Store
+
+    store = Store(s3_home)
+    store.upload(adapters["a"], "adapters/x/v1")
+    pattern = os.path.join(tempfile.gettempdir(), "flywheel-evaluate-*")
+    before, entry = set(glob.glob(pattern)), {"version": "v1", "adapter": "adapters/x/v1"}
+    engine = HFEngine(tiny_model, dtype="float32")
+    for _ in range(2):  # the second call finds it loaded: no second copy
+        assert _load(EvaluateConfig(agent="x"), store, Registry(store), engine, entry) == "x@v1"
+    [scratch] = set(glob.glob(pattern)) - before
+    assert os.path.exists(os.path.join(scratch, "adapter", "adapter_config.json"))
+    assert engine.generate(PROMPTS[:1], ["x@v1"], max_new_tokens=4)[0].text is not None
+    del engine
+    gc.collect()
+    assert not os.path.exists(scratch)

@@ -26,7 +26,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
+import weakref
 from typing import Any
 
 from flywheel.config import EvaluateConfig
@@ -211,10 +215,19 @@ def _systems(cfg: EvaluateConfig, examples: list[dict], engine, prompts: dict[st
 
 
 def _load(cfg: EvaluateConfig, store: Store, registry, engine, entry: dict) -> str:
-    """The engine's name for a registry entry's adapter, loaded."""
+    """The engine's name for a registry entry's adapter, loaded. An s3:// adapter is copied into a folder of this
+    evaluation's own (never Serve's node cache, whose pruning could delete it, nor a fixed path another evaluation
+    writes), removed when the engine, which may read it again, is gone."""
     adapter = f"{cfg.agent}@{entry['version']}"
-    engine.load_adapter(adapter, registry.adapter_path(entry) if store.local else
-                        store.local_copy(entry["adapter"], f"/tmp/flywheel-adapters/{adapter}"))
+    if adapter in engine.adapters():
+        return adapter
+    if store.local:
+        path = registry.adapter_path(entry)
+    else:
+        scratch = tempfile.mkdtemp(prefix="flywheel-evaluate-")
+        weakref.finalize(engine, shutil.rmtree, scratch, True)
+        path = store.local_copy(entry["adapter"], os.path.join(scratch, "adapter"))
+    engine.load_adapter(adapter, path)
     return adapter
 
 
