@@ -36,12 +36,15 @@ from flywheel.controller import ControllerConfig, run_controller
 from flywheel.serve.auth import KeysConfig, run_keys  # light: no Ray, no FastAPI
 
 
-def _ray_init(log_to_driver: bool = False) -> dict:
-    """Join the Ray instance running here (or RAY_ADDRESS), else start one. `log_to_driver`: show the workers'
-    output here (distill's and sweep's step progress is written by the training workers)."""
-    from flywheel.raycluster import connect_ray
+def _ray_init(home: str, log_to_driver: bool = False) -> dict:
+    """Join the Ray instance running here (or RAY_ADDRESS), else start one, and refuse a `home` that would split
+    across its nodes. `log_to_driver`: show the workers' output here (distill's and sweep's step progress is
+    written by the training workers)."""
+    from flywheel.raycluster import check_home, connect_ray
 
-    return connect_ray(configure_logging=False, log_to_driver=log_to_driver)
+    info = connect_ray(configure_logging=False, log_to_driver=log_to_driver)
+    check_home(home)
+    return info
 
 
 def run_ingest(cfg: C.IngestConfig) -> dict:
@@ -69,21 +72,21 @@ def _ingested(home: str, files: list[dict]) -> dict:
 def run_curate(cfg: C.CurateConfig) -> dict:
     from flywheel.curate.pipeline import curate
 
-    _ray_init()
+    _ray_init(cfg.home)
     return curate(cfg, progress=True)
 
 
 def run_distill(cfg: C.DistillConfig) -> dict:
     from flywheel.distill.train import distill
 
-    _ray_init(log_to_driver=True)
+    _ray_init(cfg.home, log_to_driver=True)
     return distill(cfg)
 
 
 def run_sweep(cfg: C.SweepConfig) -> dict:
     from flywheel.distill.sweep import sweep
 
-    _ray_init(log_to_driver=True)
+    _ray_init(cfg.home, log_to_driver=True)
     return sweep(cfg)
 
 
@@ -157,7 +160,7 @@ def run_serve(cfg: C.ServeConfig) -> dict:
 
     from flywheel.serve.app import run
 
-    _ray_init()
+    _ray_init(cfg.home)
     url = run(cfg)
     print(f"Flywheel is serving OpenAI-compatible endpoints at {url}, auth: {cfg.auth} (Ctrl-C stops)",
           file=sys.stderr)
@@ -177,7 +180,7 @@ def run_monitor(cfg: C.MonitorConfig) -> dict:
     from flywheel.raycluster import find_address
 
     if find_address()[0]:  # a Ray instance runs here: join it, so the drift gauges reach its dashboard
-        _ray_init()
+        _ray_init(cfg.home)
     return check_drift(cfg)
 
 

@@ -428,9 +428,10 @@ def _overrides(cls: type, path: str) -> dict:
 
 def run_controller(cfg: ControllerConfig) -> dict:
     """The `flywheel run` verb (and `jobs/run.py`): joins the Ray instance here (or RAY_ADDRESS), then passes."""
-    from flywheel.raycluster import connect_ray
+    from flywheel.raycluster import check_home, connect_ray
 
     connect_ray(configure_logging=False, log_to_driver=False)
+    check_home(cfg.home)
     return {"passes": Controller(cfg).run()}
 
 

@@ -105,4 +105,31 @@ def connect_ray(start: dict[str, Any] | None = None, **kwargs: Any) -> dict:
             "dashboard_url": getattr(ctx, "dashboard_url", None)}
 
 
-__all__ = ["connect_ray", "choose_address", "find_address"]
+SHARED_HOME_ENV = "FLYWHEEL_HOME_SHARED"  # "1": this local home path is one filesystem every node mounts (NFS)
+
+
+def split_home(uri: str, local: bool, nodes: int, shared: bool) -> str | None:
+    """Why a home would split across this cluster's nodes (pure), or None: a local path on a cluster of several
+    nodes is a different folder on each, so a stage's workers would write where the driver never reads."""
+    if not local or nodes <= 1 or shared:
+        return None
+    return (f"home: {uri} is a local path and this Ray cluster has {nodes} nodes: each node's workers would read "
+            f"and write a folder of their own there. Use an s3:// home (FLYWHEEL_HOME=s3://bucket/flywheel), or, "
+            f"if every node mounts this path as one filesystem, set {SHARED_HOME_ENV}=1")
+
+
+def check_home(home: str) -> None:
+    """Refuse (`ConfigError`) a home that `split_home` finds would split across the nodes of the Ray joined here."""
+    import ray
+
+    from flywheel.config import ConfigError
+    from flywheel.storage import Store
+
+    store = Store(home or None)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    problem = split_home(store.uri, store.local, nodes, os.environ.get(SHARED_HOME_ENV) == "1")
+    if problem:
+        raise ConfigError(problem)
+
+
+__all__ = ["connect_ray", "choose_address", "find_address", "split_home", "check_home"]

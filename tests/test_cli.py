@@ -234,3 +234,45 @@ def test_a_ray_job_without_a_home_exits_2_before_writing(tmp_path, monkeypatch, 
     assert main(["keys", "create", "--tenant", "t", "--agents", "a", "--json"]) == 2
     assert "FLYWHEEL_HOME" in json.loads(capsys.readouterr().out)["error"]
     assert os.listdir(tmp_path) == []
+
+
+# --- a home every node shares ---------------------------------------------------------------------------------
+def test_a_local_home_on_a_cluster_of_several_nodes_is_refused():
+    from flywheel.raycluster import SHARED_HOME_ENV, split_home
+
+    assert split_home("/data/fw", local=True, nodes=1, shared=False) is None  # one node: one folder
+    assert split_home("s3://b/fw", local=False, nodes=3, shared=False) is None
+    assert split_home("/mnt/nfs/fw", local=True, nodes=3, shared=True) is None  # every node mounts it
+    problem = split_home("/data/fw", local=True, nodes=3, shared=False)
+    assert "3 nodes" in problem and "s3://" in problem and SHARED_HOME_ENV in problem
+
+
+TWO_NODES = r"""
+import sys
+import ray
+from ray.cluster_utils import Cluster
+from flywheel.config import ConfigError
+from flywheel.raycluster import check_home
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+ray.init(address=cluster.address)
+cluster.wait_for_nodes()
+for home in sys.argv[1:]:
+    try:
+        check_home(home)
+        print("accepted", flush=True)
+    except ConfigError as e:
+        print("refused:", e, flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_job_on_two_real_nodes_refuses_a_local_home(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path / "home"), "s3://bucket/flywheel"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    local, s3 = (out.stdout.strip().splitlines() + ["", ""])[:2]
+    assert local.startswith("refused:") and "2 nodes" in local and s3 == "accepted", out.stdout + out.stderr[-3000:]
