@@ -13,14 +13,32 @@ instances and no `RAY_ADDRESS` is an error that says which to set, never a guess
 Token auth stays on (Ray 2.60 turns it on for `ray start` clusters and for new local instances). Joining an
 instance found here sends the local token (`~/.ray/auth_token` or `RAY_AUTH_TOKEN`) as `ray.init(address="auto")`
 would; with `RAY_ADDRESS` the client runs as the environment says (`RAY_AUTH_MODE=token` for a token cluster).
-A joined instance's workers keep the environment of the process that started it; Flywheel's stages pass the home
-and the model paths to their workers explicitly, so nothing depends on the joining shell's variables.
+A joined instance's workers keep the environment of the process that started them, not this shell's: so joining
+sends the settings a stage's remote code reads (`FORWARDED`: the S3 endpoint and region; the home travels in each
+stage's arguments) in the job's runtime environment, which every task, actor, Train worker, Tune trial and Serve
+replica of this driver inherits (Serve takes the driver's runtime env as its deployments' default). Keys a
+submitted job already sets are left to it (Ray refuses a conflict). Credentials are not copied there (the
+dashboard shows a job's runtime env): each node brings its own (an instance role, IRSA, or the cluster config's
+environment).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+
+FORWARDED = ("FLYWHEEL_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+             "AWS_ENDPOINT_URL_S3")
+
+
+def forwarded_env(environ: Any = os.environ) -> dict[str, str]:
+    """The `FORWARDED` settings set here and not already in a submitted job's runtime env (pure)."""
+    import json
+
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    return {k: environ[k] for k in FORWARDED if environ.get(k) and k not in taken}
 
 
 def choose_address(env_address: str | None, bootstrap: str | None, live: set[str] | frozenset[str]) -> str | None:
@@ -89,8 +107,9 @@ def connect_ray(start: dict[str, Any] | None = None, **kwargs: Any) -> dict:
     if address and address != "local":  # RAY_ADDRESS=local: a fresh instance, as `ray.init` reads it
         if not from_env:
             _use_local_token()
+        env = forwarded_env()
         try:
-            ctx = ray.init(address=address, **kwargs)
+            ctx = ray.init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}), **kwargs)
         except Exception as e:
             if _auth_failed(e):
                 raise ConnectionError(f"the Ray instance at {address} asks for its token: export RAY_AUTH_MODE=token "

@@ -247,32 +247,49 @@ def test_a_local_home_on_a_cluster_of_several_nodes_is_refused():
     assert "3 nodes" in problem and "s3://" in problem and SHARED_HOME_ENV in problem
 
 
+def test_joining_forwards_the_s3_endpoint_but_no_secret_and_nothing_a_job_sets():
+    from flywheel.raycluster import forwarded_env
+
+    env = {"FLYWHEEL_S3_ENDPOINT": "http://minio:9000", "AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "s",
+           "AWS_ACCESS_KEY_ID": "k", "FLYWHEEL_HOME": "s3://b/fw"}
+    assert forwarded_env(env) == {"FLYWHEEL_S3_ENDPOINT": "http://minio:9000", "AWS_REGION": "eu-west-1"}
+    job = json.dumps({"runtime_env": {"env_vars": {"FLYWHEEL_S3_ENDPOINT": "http://minio:9000"}}})
+    assert forwarded_env({**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == {"AWS_REGION": "eu-west-1"}
+
+
 TWO_NODES = r"""
-import sys
+import os, sys
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from flywheel.config import ConfigError
-from flywheel.raycluster import check_home
+from flywheel.raycluster import check_home, connect_ray
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
-cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
-ray.init(address=cluster.address)
+worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
 cluster.wait_for_nodes()
+# set after the nodes started: their processes never had it, as on a cluster whose nodes lack it
+os.environ.update(RAY_ADDRESS=cluster.address, FLYWHEEL_S3_ENDPOINT="http://minio.test:9000")
+connect_ray()
 for home in sys.argv[1:]:
     try:
         check_home(home)
         print("accepted", flush=True)
     except ConfigError as e:
         print("refused:", e, flush=True)
+on_worker = NodeAffinitySchedulingStrategy(worker.node_id, soft=False)
+print(ray.get(ray.remote(lambda: os.environ.get("FLYWHEEL_S3_ENDPOINT")).options(
+    scheduling_strategy=on_worker).remote()), flush=True)
 ray.shutdown()
 cluster.shutdown()
 """
 
 
 @pytest.mark.slow
-def test_a_job_on_two_real_nodes_refuses_a_local_home(tmp_path):
+def test_on_two_real_nodes_a_local_home_is_refused_and_the_s3_endpoint_reaches_the_workers(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path / "home"), "s3://bucket/flywheel"],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    local, s3 = (out.stdout.strip().splitlines() + ["", ""])[:2]
+    local, s3, endpoint = (out.stdout.strip().splitlines() + ["", "", ""])[:3]
     assert local.startswith("refused:") and "2 nodes" in local and s3 == "accepted", out.stdout + out.stderr[-3000:]
+    assert endpoint == "http://minio.test:9000", out.stdout + out.stderr[-3000:]  # a task on the other node
