@@ -428,7 +428,7 @@ def _check_serve_scaling(cfg: Any) -> None:
                 "teacher_latency_s", "autoscale_look_back_s", "autoscale_metrics_interval_s", "traffic_window_s"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)}")
-    for key in ("student_target_ongoing_requests", "teacher_replica_cpus", "upscale_delay_s",
+    for key in ("student_target_ongoing_requests", "teacher_replica_cpus", "replica_gpus", "upscale_delay_s",
                 "teacher_upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s", "num_replicas",
                 "prewarm_hot_agents"):
         if getattr(cfg, key) < 0:
@@ -456,6 +456,9 @@ class ServeConfig:
     adapter_cache_max_mb: int = 4096  # the node copies' bound: least recently used ones are deleted (0: no bound)
     num_replicas: int = 0  # >0: exactly this many student replicas (no scaling); 0: student_min/max_replicas
     replica_cpus: float = 1.0
+    # GPUs per student replica (a fraction shares a card, and vLLM takes that share of its memory); 0: a CPU
+    # replica, HF engine on the CPU even on a GPU node. engine: auto picks vLLM only for a replica given a GPU.
+    replica_gpus: float = 0.0
     max_new_tokens: int = 256
     max_history: int = 10
     max_batch_size: int = 8
@@ -479,7 +482,8 @@ class ServeConfig:
     metrics_per_agent: bool = True  # agent tag on Ray metrics; off for very many agents
     wal_seal_age_s: float = 5.0  # the open WAL segment is sealed (compactable) after this; also on shutdown
     # the student's engine: hf (transformers, batched LoRA slots, CPU or GPU), vllm (vLLM multi-LoRA; needs the
-    # vllm package in the replicas' environment), auto (vllm on a GPU node that has vllm, else hf)
+    # vllm package in the replicas' environment), auto (vllm for a replica given replica_gpus where vllm is
+    # installed, else hf)
     engine: str = "auto"
     # autoscaling (flywheel/serve/autoscale.py): every deployment scales between its min and max replicas
     ingress_min_replicas: int = 1

@@ -191,6 +191,21 @@ def test_vllm_engine_without_vllm_installed_is_a_clear_error():
         _engine(ServeConfig(engine="vllm"))
 
 
+def test_a_student_replica_asks_for_the_gpus_it_is_given_and_its_engine_follows_them():
+    from flywheel.inference.vllm_engine import available, engine_kind
+    from flywheel.serve.app import student_resources
+    from flywheel.serve.student import gpu_memory_share
+
+    assert student_resources(ServeConfig(replica_cpus=2)) == {"num_cpus": 2}  # no GPU asked: none is taken
+    assert student_resources(ServeConfig(replica_gpus=0.5)) == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert engine_kind("auto", gpus=0) == "hf"  # a CPU replica, whatever its node has
+    assert engine_kind("auto", gpus=1) == ("vllm" if available() else "hf")
+    assert engine_kind("hf", gpus=1) == "hf"
+    assert gpu_memory_share(1) == gpu_memory_share(2) == 0.85 and gpu_memory_share(0.5) == pytest.approx(0.425)
+    with pytest.raises(ConfigError, match="replica_gpus"):
+        ServeConfig(replica_gpus=-1)
+
+
 # -- the catalog --------------------------------------------------------------------------------------------------
 def _register(store: Store, agent: str, versions: int = 1, production: str | None = "v1") -> None:
     """A registry entry in the layout `Registry` writes (no adapter files: the catalog never opens them), written

