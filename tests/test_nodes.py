@@ -1,0 +1,97 @@
+"""Several Ray nodes on one machine (`ray.cluster_utils.Cluster` in a subprocess, so the session's own Ray is not
+disturbed): nodes whose processes started without the driver's environment, and a node with a (fake) GPU.
+
+    .venv/bin/python -m pytest tests/test_nodes.py -q
+
+Each test starts a head and a worker node (~15 s here) and stops them; the subprocess sets `RAY_ADDRESS` to its
+cluster, so Flywheel's `connect_ray` joins it as a job driver on a real cluster would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def on_two_nodes(script: str, *args: str, timeout: int = 300) -> list[str]:
+    """Run `script` (which starts its own cluster) in a fresh interpreter; the lines it printed after `RESULT `
+    (Ray's own log lines reach stdout too)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
+    return [line[len("RESULT "):] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+TWO_NODES = r"""
+import os, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from flywheel.config import ConfigError
+from flywheel.raycluster import check_home, connect_ray
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+cluster.wait_for_nodes()
+# set after the nodes started: their processes never had it, as on a cluster whose nodes lack it
+os.environ.update(RAY_ADDRESS=cluster.address, FLYWHEEL_S3_ENDPOINT="http://minio.test:9000")
+connect_ray()
+for home in sys.argv[1:]:
+    try:
+        check_home(home)
+        print("RESULT accepted", flush=True)
+    except ConfigError as e:
+        print("RESULT refused:", e, flush=True)
+on_worker = NodeAffinitySchedulingStrategy(worker.node_id, soft=False)
+print("RESULT", ray.get(ray.remote(lambda: os.environ.get("FLYWHEEL_S3_ENDPOINT")).options(
+    scheduling_strategy=on_worker).remote()), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_on_two_real_nodes_a_local_home_is_refused_and_the_s3_endpoint_reaches_the_workers(tmp_path):
+    local, s3, endpoint = (on_two_nodes(TWO_NODES, str(tmp_path / "home"), "s3://bucket/flywheel") + [""] * 3)[:3]
+    assert local.startswith("refused:") and "2 nodes" in local and s3 == "accepted", (local, s3)
+    assert endpoint == "http://minio.test:9000"  # read by a task on the node that never had it
+
+
+GPU_NODE = r"""
+import json, os, sys
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+from flywheel.config import ServeConfig
+from flywheel.raycluster import connect_ray
+from flywheel.serve.app import run, shutdown
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=80 * 2**20)  # a GPU as Ray counts it
+cluster.wait_for_nodes()
+os.environ["RAY_ADDRESS"] = cluster.address
+connect_ray()
+run(ServeConfig(home=sys.argv[1], base_model=sys.argv[2], port=int(sys.argv[3]), replica_cpus=0.5, replica_gpus=1,
+                student_max_replicas=1, teacher_min_replicas=0, blocking=False, auth="off"))
+info = serve.get_deployment_handle("StudentModel", app_name="flywheel").info.remote().result()
+gpus = {"gpus_left": ray.available_resources().get("GPU", 0), "gpus": ray.cluster_resources().get("GPU")}
+print("RESULT", json.dumps({**gpus, "student_answers": "slots" in info}), flush=True)
+shutdown()
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_student_replica_given_a_gpu_is_placed_on_the_gpu_node(tmp_path, tiny_model):
+    from serving import free_port
+
+    [line] = on_two_nodes(GPU_NODE, str(tmp_path / "home"), tiny_model, str(free_port()))
+    # the only GPU of the cluster is taken by the student replica, which runs (HF on the CPU: Ray's GPU is fake)
+    assert json.loads(line) == {"gpus_left": 0, "gpus": 1.0, "student_answers": True}
