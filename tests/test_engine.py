@@ -401,3 +401,22 @@ def test_evaluation_copies_an_s3_adapter_into_a_folder_of_its_own(tiny_model, ad
     del engine
     gc.collect()
     assert not os.path.exists(scratch)
+
+
+def test_a_base_model_on_s3_is_copied_once_per_node_and_answers_as_the_local_one(tiny_model, s3_home, tmp_path,
+                                                                                 monkeypatch):
+    from flywheel.models import local_model, resolve_model_path
+    from flywheel.storage import Store
+
+    monkeypatch.setenv("FLYWHEEL_MODEL_CACHE", str(tmp_path / "models"))
+    Store(s3_home).upload(tiny_model, "models/tiny")
+    uri = f"{s3_home}/models/tiny"
+    assert resolve_model_path(uri) == uri  # shipped to workers as the URI, not as a driver path
+    copy = local_model(uri)
+    assert copy.startswith(str(tmp_path / "models")) and local_model(uri) == copy
+    assert len(os.listdir(tmp_path / "models")) == 2  # one copy (and the cache's lock file)
+    prompts = PROMPTS[:2]
+    assert [g.text for g in HFEngine(uri, dtype="float32").generate(prompts, [None, None], max_new_tokens=8)] == \
+        [g.text for g in HFEngine(tiny_model, dtype="float32").generate(prompts, [None, None], max_new_tokens=8)]
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        local_model(f"{s3_home}/models/missing")

@@ -1,5 +1,7 @@
 """Several Ray nodes on one machine (`ray.cluster_utils.Cluster` in a subprocess, so the session's own Ray is not
-disturbed): nodes whose processes started without the driver's environment, and a node with a (fake) GPU.
+disturbed): nodes whose processes started without the driver's environment (a local home refused, the S3
+endpoint reaching them, a base model named by an s3:// URI copied to the node that loads it), and a node with a
+(fake) GPU that the student replica given one lands on.
 
     .venv/bin/python -m pytest tests/test_nodes.py -q
 
@@ -95,3 +97,59 @@ def test_a_student_replica_given_a_gpu_is_placed_on_the_gpu_node(tmp_path, tiny_
     [line] = on_two_nodes(GPU_NODE, str(tmp_path / "home"), tiny_model, str(free_port()))
     # the only GPU of the cluster is taken by the student replica, which runs (HF on the CPU: Ray's GPU is fake)
     assert json.loads(line) == {"gpus_left": 0, "gpus": 1.0, "student_answers": True}
+
+
+MODEL_ON_S3 = r"""
+import json, os, sys
+# the nodes bring their own credentials (as an instance role would); the S3 endpoint only the driver has
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+import boto3
+import ray
+from moto.server import ThreadedMotoServer
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from flywheel.raycluster import connect_ray
+from flywheel.storage import Store
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[2]), verbose=False)
+server.start()
+endpoint = f"http://127.0.0.1:{sys.argv[2]}"
+boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flywheel-models")
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+cluster.wait_for_nodes()
+os.environ.update(RAY_ADDRESS=cluster.address, FLYWHEEL_S3_ENDPOINT=endpoint)
+Store("s3://flywheel-models/home").upload(sys.argv[1], "models/base")
+connect_ray()
+
+
+@ray.remote
+def answer(uri):
+    from flywheel.inference.engine import HFEngine
+    from flywheel.models import local_model
+
+    engine = HFEngine(uri, dtype="float32")
+    text = engine.generate([[{"role": "user", "content": "hi"}]], [None], max_new_tokens=4)[0].text
+    return engine.base_model, text, local_model(uri)
+
+
+on_worker = NodeAffinitySchedulingStrategy(worker.node_id, soft=False)
+uri = "s3://flywheel-models/home/models/base"
+name, text, copy = ray.get(answer.options(scheduling_strategy=on_worker).remote(uri))
+print("RESULT", json.dumps({"name": name, "answered": isinstance(text, str), "copy": copy}))
+ray.shutdown()
+cluster.shutdown()
+server.stop()
+"""
+
+
+def test_a_node_loads_a_base_model_named_by_an_s3_uri_from_its_own_copy(tiny_model):
+    from serving import free_port
+
+    import shutil
+    import tempfile
+
+    [line] = on_two_nodes(MODEL_ON_S3, tiny_model, str(free_port()))
+    result = json.loads(line)
+    shutil.rmtree(result["copy"], ignore_errors=True)  # the node's copy, in its default cache
+    assert result["name"] == "s3://flywheel-models/home/models/base" and result["answered"]
+    assert os.path.dirname(result["copy"]) == os.path.join(tempfile.gettempdir(), "flywheel-models")

@@ -158,11 +158,12 @@ class ValidationScorer:
         from transformers import AutoModelForCausalLM
 
         from flywheel.distill.data import mean_answer_loss
+        from flywheel.models import local_model
 
         if not self.encoded:
             return math.nan
         if self._loss_model is None:
-            self._loss_model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch.float32)
+            self._loss_model = AutoModelForCausalLM.from_pretrained(local_model(self.base_model), dtype=torch.float32)
         model = PeftModel.from_pretrained(self._loss_model, adapter_dir).eval()
         try:
             total, tokens = mean_answer_loss(model, self.encoded, self.engine.tokenizer.pad_token_id, self.batch_size)

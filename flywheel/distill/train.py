@@ -42,6 +42,7 @@ from flywheel.config import ConfigError, DistillConfig
 from flywheel.datasets import TRAIN, VALIDATION, open_split, resolve_version
 from flywheel.distill.answers import Answers
 from flywheel.hardware import native_bf16
+from flywheel.models import local_model
 from flywheel.storage import Store
 
 BEST = "best_adapter"  # in a checkpoint: the adapter with the lowest validation loss so far
@@ -337,6 +338,8 @@ def train_loop_per_worker(config: dict) -> None:
     from flywheel.distill.data import length_buckets
 
     cfg = DistillConfig(**config["cfg"])
+    # a model named by URI is copied once to this worker's node
+    cfg = dataclasses.replace(cfg, base_model=local_model(cfg.base_model), teacher_model=local_model(cfg.teacher_model))
     store = Store(config["home"])
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
@@ -448,7 +451,8 @@ def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str
 
         from flywheel.distill.data import check_same_tokenizer
 
-        check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.base_model), AutoTokenizer.from_pretrained(cfg.teacher_model))
+        check_same_tokenizer(AutoTokenizer.from_pretrained(local_model(cfg.base_model)),
+                             AutoTokenizer.from_pretrained(local_model(cfg.teacher_model)))
     init = resolve_init_adapter(cfg, store)
     if cfg.validation_every:  # a selection step: it needs validation examples, and says so
         splits = [open_split(store, agent, version, VALIDATION) for agent, version in sources]

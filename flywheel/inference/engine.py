@@ -135,15 +135,18 @@ class HFEngine:
 
         if threads:
             torch.set_num_threads(threads)
-        self.base_model = base_model
+        from flywheel.models import local_model
+
+        self.base_model = base_model  # as named (a URI stays a URI); loaded from this node's copy
+        folder = local_model(base_model)
         self.share_prefix = share_prefix  # rows prefilled together compute their common prefix once
         self.device = _device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.dtype = _auto_dtype(self.device) if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(base_model, dtype=self.dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype).to(self.device).eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.pool = LoRAPool(self.model, max_adapters, max_rank, target_modules)
         self._paths: dict[str, str] = {}  # known adapters (resident in a slot or not) -> folder

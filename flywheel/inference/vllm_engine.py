@@ -94,11 +94,14 @@ class VLLMEngine:
             _cpu_environment(kv_cache_gib)
         if dtype == "auto":
             dtype = "bfloat16" if native_bf16(self.device) else "float32"
-        self.base_model, self.dtype = base_model, dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        from flywheel.models import local_model
+
+        self.base_model, self.dtype = base_model, dtype  # as named; loaded from this node's copy of a URI
+        folder = local_model(base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.context_length = max_model_len
         self._engine = LLMEngine.from_engine_args(EngineArgs(
-            model=base_model, dtype=dtype, enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+            model=folder, dtype=dtype, enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank, max_model_len=max_model_len, seed=seed, enforce_eager=self.device == "cpu",
             gpu_memory_utilization=gpu_memory_utilization))
         self._adapters: dict[str, Any] = {}
