@@ -400,3 +400,20 @@ def test_a_shared_prefix_stops_before_any_rows_answer():
     assert shared_prefix_len([{"input_ids": [7] + head + [1], "answer_len": 1}, longer]) == 0
     tiny = {"input_ids": head[:MIN_SHARED_PREFIX - 1] + [9, 9], "answer_len": 1}
     assert shared_prefix_len([tiny, longer]) == 0  # too short to be worth a pass of its own
+
+
+def test_a_local_init_adapter_travels_through_an_s3_home(tiny_model, s3_home, tmp_path):
+    """Train workers of an s3:// home may run on nodes without the driver's folders: the folder is uploaded once."""
+    from flywheel.distill.train import resolve_init_adapter
+    from flywheel.storage import Store
+
+    from serving import make_adapter
+
+    folder = make_adapter(tiny_model, str(tmp_path / "seed"), seed=0)
+    cfg = DistillConfig(agent="a", base_model=tiny_model, init_adapter=folder, lora_r=4,
+                        target_modules=("q_proj", "v_proj"))
+    remote, local = Store(s3_home), Store(str(tmp_path / "home"))
+    init = resolve_init_adapter(cfg, remote)
+    assert set(init) == {"rel"} and remote.read_json(f"{init['rel']}/adapter_config.json")["r"] == 4
+    assert resolve_init_adapter(cfg, remote) == init  # the same contents: the same upload
+    assert resolve_init_adapter(cfg, local) == {"path": folder}  # one machine: read in place

@@ -481,8 +481,9 @@ def training_sources(cfg: DistillConfig, store: Store) -> list[tuple[str, str]]:
 
 
 def resolve_init_adapter(cfg: DistillConfig, store: Store) -> dict | None:
-    """`init_adapter` -> {"path": a local folder} or {"rel": a registered adapter's folder under the home}, after
-    checking that its rank and target modules are this run's; None without one. ConfigError naming what differs."""
+    """`init_adapter` -> {"path": a local folder} (a local home) or {"rel": a folder under the home: a registered
+    adapter, or a local folder uploaded to an s3:// home, whose workers may run on other nodes}, after checking
+    that its rank and target modules are this run's; None without one. ConfigError naming what differs."""
     if not cfg.init_adapter:
         return None
     import json
@@ -490,12 +491,14 @@ def resolve_init_adapter(cfg: DistillConfig, store: Store) -> dict | None:
     from flywheel.registry.registry import Registry, RegistryError
 
     if os.path.isdir(cfg.init_adapter):
-        init = {"path": os.path.abspath(cfg.init_adapter)}
-        path = os.path.join(init["path"], "adapter_config.json")
+        folder = os.path.abspath(cfg.init_adapter)
+        path = os.path.join(folder, "adapter_config.json")
         adapter_cfg = None
         if os.path.exists(path):
             with open(path) as f:
                 adapter_cfg = json.load(f)
+        # an s3:// home's workers may run on other nodes: the folder travels through the home
+        init = {"path": folder} if store.local or not adapter_cfg else {"rel": _upload_folder(store, folder)}
     else:
         agent, sep, version = cfg.init_adapter.partition("@")
         if not sep:
@@ -515,6 +518,22 @@ def resolve_init_adapter(cfg: DistillConfig, store: Store) -> dict | None:
                           f"lora_r={cfg.lora_r}, target_modules={sorted(cfg.target_modules)}: give the same (or "
                           f"leave init_adapter empty to start from random A / zero B)")
     return init
+
+
+def _upload_folder(store: Store, folder: str) -> str:
+    """Copy a local adapter folder into the home once, under a name from its contents; its path under the home."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(root, name), folder).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    rel = f"init-adapters/{digest.hexdigest()[:24]}"
+    if not store.exists(f"{rel}/adapter_config.json"):
+        store.upload(folder, rel)
+    return rel
 
 
 def _run_name(cfg: DistillConfig, sources: list[tuple[str, str]]) -> str:
