@@ -456,9 +456,8 @@ class ServeConfig:
     adapter_cache_max_mb: int = 4096  # the node copies' bound: least recently used ones are deleted (0: no bound)
     num_replicas: int = 0  # >0: exactly this many student replicas (no scaling); 0: student_min/max_replicas
     replica_cpus: float = 1.0
-    # GPUs per student replica (a fraction shares a card, and vLLM takes that share of its memory); 0: a CPU
-    # replica, HF engine on the CPU even on a GPU node. engine: auto picks vLLM only for a replica given a GPU.
-    replica_gpus: float = 0.0
+    # engine: auto picks vLLM only for a replica given a GPU; a fraction of a card gets that share of vLLM's memory
+    replica_gpus: float = 0.0  # GPUs per student replica (0.5: two per card); 0: the HF engine on its CPUs
     max_new_tokens: int = 256
     max_history: int = 10
     max_batch_size: int = 8
