@@ -153,3 +153,59 @@ def test_a_node_loads_a_base_model_named_by_an_s3_uri_from_its_own_copy(tiny_mod
     shutil.rmtree(result["copy"], ignore_errors=True)  # the node's copy, in its default cache
     assert result["name"] == "s3://flywheel-models/home/models/base" and result["answered"]
     assert os.path.dirname(result["copy"]) == os.path.join(tempfile.gettempdir(), "flywheel-models")
+
+
+TWO_CONTROLLERS = r"""
+import json, os, sys, time
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from flywheel.raycluster import connect_ray
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+cluster.wait_for_nodes()
+os.environ["RAY_ADDRESS"] = cluster.address
+connect_ray()
+
+
+@ray.remote(num_cpus=0.5)
+class Passes:
+    # a controller on one node whose agent's turn takes longer than its lease (0.3 s): only renewals keep it
+    def run(self, home, passes):
+        from flywheel.controller import Controller, ControllerConfig
+
+        spans = []
+
+        def slow_turn(agent):
+            start = time.time()
+            time.sleep(0.5)
+            spans.append((start, time.time()))
+            return "idle"
+
+        ctl = Controller(ControllerConfig(home=home, monitor=False, agents=("a1",), lease_s=0.3))
+        ctl.tick = slow_turn
+        outcomes = []
+        while len(spans) < passes:
+            outcomes.append(ctl.pass_once())
+            time.sleep(0.02)
+        return ray.get_runtime_context().get_node_id(), spans, outcomes
+
+
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+actors = [Passes.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+results = ray.get([a.run.remote(sys.argv[1], 4) for a in actors])
+print("RESULT", json.dumps(results))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_controllers_on_two_nodes_never_run_a_pass_at_once(tmp_path):
+    """The home is a folder both nodes see (one machine); each pass outlasts the lease, so renewals must hold it."""
+    [line] = on_two_nodes(TWO_CONTROLLERS, str(tmp_path / "home"))
+    (node_a, spans_a, outcomes_a), (node_b, spans_b, outcomes_b) = json.loads(line)
+    assert node_a != node_b and len(spans_a) == len(spans_b) == 4
+    for start, end in spans_a:
+        assert all(end <= other_start or other_end <= start for other_start, other_end in spans_b)
+    outcomes, held = outcomes_a + outcomes_b, {"lease": "held by another controller"}
+    assert held in outcomes and all(o in ({"a1": "idle"}, held) for o in outcomes)
