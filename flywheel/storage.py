@@ -50,7 +50,7 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 
@@ -366,6 +366,28 @@ def flocked(target: str, wait_s: float | None = None) -> Iterator[None]:
         yield  # closing the descriptor below releases the lock
     finally:
         os.close(fd)
+
+
+def fetch_once(dest: str, fetch: Callable[[str], Any], marker: str, wait_s: float = 600.0) -> bool:
+    """Make the local folder `dest` a whole copy, once per machine: unless `dest/<marker>` exists, `fetch(staging)`
+    fills a staging folder that is then renamed to `dest`, under `dest`'s lock (processes of one node share the
+    copy; a reader never sees half of one). True when this call made the copy."""
+    import shutil
+
+    if os.path.exists(os.path.join(dest, marker)):
+        return False
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with flocked(dest, wait_s=wait_s):
+        if os.path.exists(os.path.join(dest, marker)):
+            return False
+        staging = f"{dest}.staging-{uuid.uuid4().hex[:8]}"
+        try:
+            fetch(staging)
+            shutil.rmtree(dest, ignore_errors=True)  # a partial folder without the marker
+            os.replace(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 def _write_if_local(target: str, data: bytes, token: str | None) -> bool:

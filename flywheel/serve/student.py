@@ -60,7 +60,7 @@ from ray import serve
 from flywheel.config import ConfigError, ServeConfig
 from flywheel.inference.grammar import GrammarError
 from flywheel.registry.registry import Registry
-from flywheel.storage import Store, flocked
+from flywheel.storage import Store, fetch_once, flocked
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,17 +95,9 @@ class AdapterCache:
             with contextlib.suppress(FileNotFoundError):
                 os.utime(dest)  # used now: the last to be pruned
             return dest
-        os.makedirs(self.dir, exist_ok=True)
-        with flocked(dest, wait_s=600):
-            if not os.path.exists(os.path.join(dest, "adapter_config.json")):
-                staging = f"{dest}.staging-{uuid.uuid4().hex[:8]}"
-                try:
-                    self.store.local_copy(rel, staging)
-                    shutil.rmtree(dest, ignore_errors=True)
-                    os.replace(staging, dest)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-                self.copies += 1
+        if fetch_once(dest, lambda staging: self.store.local_copy(rel, staging), "adapter_config.json"):
+            self.copies += 1
+            with flocked(dest):
                 self._prune(keep=dest)
         return dest
 
