@@ -4,7 +4,7 @@
     if lease.acquire():
         try:
             with lease.kept():            # renewed every ttl_s / 3 while the block runs, however long a step takes
-                ...                       # check `lease.lost` between steps: set when it is no longer ours
+                ...                       # between steps `renew()` is False (and `lost` set) once it is not ours
         finally:
             lease.release()               # frees it only if it is still ours
 
