@@ -127,6 +127,18 @@ def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, h
     return out_dir
 
 
+def cache_keyword() -> str:
+    """The keyword a Hugging Face model's forward takes its KV cache by: `cache` from transformers 5.24 on,
+    `past_key_values` before. An older forward swallows an unknown `cache=` in its **kwargs, so the cache would be
+    dropped without a word and every decode step would see one token of context."""
+    import re
+
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
 def resolve_model_path(path: str) -> str:
     """What the driver ships to Ray workers for a model: an absolute local folder (workers run in other
     directories), or a URI (`s3://bucket/models/x`) that each node copies once (`local_model`); a clear error for

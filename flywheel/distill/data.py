@@ -35,6 +35,7 @@ import random
 import re
 from typing import Any
 
+from flywheel.models import cache_keyword
 from flywheel.prompts import MIN_SHARED_PREFIX, common_prefix_len, format_with_spans, prompt_turns
 
 
@@ -238,7 +239,8 @@ def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
     k = batch["answer_width"]
     cache = _prefix_cache(model, batch["prefix_ids"], len(batch["input_ids"])) if "prefix_ids" in batch else None
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=k + 1, cache=cache, use_cache=cache is not None)
+                position_ids=batch["position_ids"], logits_to_keep=k + 1, use_cache=cache is not None,
+                **{cache_keyword(): cache})
     logits = out.logits[:, :-1, :].float()  # positions T-k-1 .. T-2 predict tokens T-k .. T-1
     keep = batch["answer_mask"][:, -k:]
     return logits[keep], batch["input_ids"][:, -k:][keep]
@@ -250,7 +252,7 @@ def _prefix_cache(model: Any, prefix_ids: Any, rows: int) -> Any:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)  # fills `cache`
+    model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(): cache})  # fills `cache`
     cache.batch_repeat_interleave(rows)
     return cache
 

@@ -135,9 +135,10 @@ class HFEngine:
 
         if threads:
             torch.set_num_threads(threads)
-        from flywheel.models import local_model
+        from flywheel.models import cache_keyword, local_model
 
         self.base_model = base_model  # as named (a URI stays a URI); loaded from this node's copy
+        self.cache_keyword = cache_keyword()
         folder = local_model(base_model)
         self.share_prefix = share_prefix  # rows prefilled together compute their common prefix once
         self.device = _device(device)
@@ -444,8 +445,8 @@ class _DecodeLoop:
         """One forward pass (prefill or decode step) with each row's adapter slot; the last position's logits."""
         with self.engine._step:
             self.pool.set_rows(slots)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self.engine.cache_keyword: cache})
         counters = self.engine.counters
         counters["mixed_batches"] += len(set(slots)) > 1
         counters["largest_batch"] = max(counters["largest_batch"], len(slots))
