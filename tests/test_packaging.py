@@ -84,3 +84,53 @@ def test_a_node_without_xgrammar_gets_a_server_error_naming_it_not_a_bad_schema(
         grammar.GrammarCompiler(tokenizer=None)
     # the student maps GrammarError (a schema it cannot enforce) to 400; this is not one, so the request is a 500
     assert not isinstance(e.value, grammar.GrammarError)
+
+
+def test_the_vllm_environment_installs_the_ray_the_project_declares():
+    """A replica in .venv-vllm (`replica_python`) joins the driver's Ray: the Makefile's ray pin there is the one
+    pyproject.toml declares (another ray version cannot join the cluster)."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        [ray] = [r for r in tomllib.load(f)["project"]["dependencies"] if r.startswith("ray[")]
+    with open(os.path.join(REPO, "Makefile")) as f:
+        makefile = f.read()
+    pinned = re.search(r"\$\(VLLM_VENV\)/bin/pip install -q \"ray\[serve\]==([0-9.]+)\"", makefile)
+    assert pinned and ray.endswith("==" + pinned.group(1)), (ray, pinned and pinned.group(0))
+
+
+VLLM_PYTHON = os.environ.get("FLYWHEEL_VLLM_PYTHON", os.path.join(REPO, ".venv-vllm", "bin", "python"))
+PROMPTS = [[{"role": "user", "content": "Find me a flight from Phoenix to Las Vegas on March 12th."}],
+           [{"role": "user", "content": "A table for two at an Italian place in Oakland tonight, please."}]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason="no second environment (make vllm)")
+def test_the_lowest_declared_transformers_decodes_and_trains_as_the_newest(student_path, tmp_path):
+    """transformers renamed the forward's `past_key_values` to `cache` in 5.24; an older forward swallows `cache=`
+    without a word, so the KV cache was dropped (garbage after the first token, a wrong shared-prefix loss). The
+    vLLM environment holds the lowest transformers pyproject.toml allows (and xgrammar 0.2.8, which vllm pins): the
+    same greedy answers there as here, free and under the tool-call grammar."""
+    import json
+    import subprocess
+
+    from serving import strong_adapter
+
+    from flywheel.inference.engine import HFEngine
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        [spec] = [r for r in tomllib.load(f)["project"]["dependencies"] if r.startswith("transformers")]
+    lowest = re.search(r">=([0-9.]+)", spec).group(1)
+    adapter = strong_adapter(student_path, str(tmp_path / "adapter"))
+    out = tmp_path / "old.json"
+    run = subprocess.run([VLLM_PYTHON, os.path.join(REPO, "tests", "hf_range_check.py"), student_path, adapter,
+                          str(out)], input=json.dumps(PROMPTS), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    old = json.loads(out.read_text())
+    assert old["transformers"].startswith(lowest), (old["transformers"], spec)  # the bound is what is tested
+    hf = HFEngine(student_path, dtype="float32")
+    hf.load_adapter("a", adapter)
+    here = [g.text for g in hf.generate(PROMPTS * 2, [None] * len(PROMPTS) + ["a"] * len(PROMPTS), 16)]
+    from hf_range_check import CONSTRAINT
+
+    here += [g.text for g in hf.generate(PROMPTS[:1], ["a"], 64, constraints=[CONSTRAINT])]
+    assert old["texts"] == here and here[-1].startswith("<tool_call>")
+    assert old["prefix_max_diff"] < 1e-4
