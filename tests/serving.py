@@ -55,6 +55,23 @@ def make_adapter(base: str, out_dir: str, seed: int) -> str:
     return out_dir
 
 
+def strong_adapter(base: str, out: str, seed: int = 3) -> str:
+    """A random LoRA strong enough to change the base model's greedy answer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.mul_(0.6)
+    model.save_pretrained(out)
+    return out
+
+
 def echo(body: dict) -> dict:
     """The teacher's answer repeating the last user turn as the `note` argument (and in the text)."""
     said = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]

@@ -204,6 +204,13 @@ def test_a_student_replica_asks_for_the_gpus_it_is_given_and_its_engine_follows_
     assert gpu_memory_share(1) == gpu_memory_share(2) == 0.85 and gpu_memory_share(0.5) == pytest.approx(0.425)
     with pytest.raises(ConfigError, match="replica_gpus"):
         ServeConfig(replica_gpus=-1)
+    vllm_env = "/opt/vllm/bin/python"  # a replica in vLLM's environment: Ray starts its worker with that Python
+    assert student_resources(ServeConfig(replica_python=vllm_env)) == {
+        "num_cpus": 1.0, "runtime_env": {"py_executable": vllm_env}}
+    with pytest.raises(ConfigError, match="replica_python: the absolute path"):
+        ServeConfig(replica_python=".venv-vllm/bin/python")
+    with pytest.raises(ConfigError, match="dtype"):
+        ServeConfig(dtype="float16")
 
 
 # -- the catalog --------------------------------------------------------------------------------------------------

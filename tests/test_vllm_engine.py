@@ -12,6 +12,7 @@ import os
 import subprocess
 
 import pytest
+from serving import strong_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PYTHON = os.environ.get("FLYWHEEL_VLLM_PYTHON", os.path.join(REPO, ".venv-vllm", "bin", "python"))
@@ -25,23 +26,6 @@ TOOL = {"name": "SearchOnewayFlight", "parameters": {
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason="no vLLM environment (make vllm)")]
-
-
-def _adapter(base: str, out: str) -> str:
-    """A random LoRA strong enough to change the base model's greedy answer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                      target_modules=["q_proj", "v_proj", "down_proj"]))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.mul_(0.6)
-    model.save_pretrained(out)
-    return out
 
 
 LOGPROB_TOL = 2e-3  # fp32 on both sides; different kernels (vLLM's CPU attention vs eager PyTorch) round apart
@@ -82,7 +66,7 @@ def test_vllm_equals_hf_engine_tokens_and_logprobs_for_base_and_adapter(student_
     models = {"tiny": tiny, "student": student_path}
     jobs, expected = [], {}
     for name, model in models.items():
-        adapter = _adapter(model, str(tmp_path / f"adapter-{name}"))
+        adapter = strong_adapter(model, str(tmp_path / f"adapter-{name}"))
         expected[name] = _hf_answers(model, adapter, 24)
         jobs.append({"model": model, "adapter": adapter, "prompts": PROMPTS, "max_tokens": 24, "top_logprobs": 3,
                      "constraint": CONSTRAINT})

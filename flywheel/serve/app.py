@@ -696,9 +696,15 @@ class Ingress:
 
 # -- entrypoints ----------------------------------------------------------------------------------------------
 def student_resources(cfg: ServeConfig) -> dict:
-    """A student replica's Ray resources: `replica_cpus`, and `replica_gpus` when set (the autoscaler then starts
-    a GPU node for it, and Ray gives it its card through CUDA_VISIBLE_DEVICES)."""
-    return {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
+    """A student replica's Ray actor options: `replica_cpus`, `replica_gpus` when set (the autoscaler then starts
+    a GPU node for it, and Ray gives it its card through CUDA_VISIBLE_DEVICES), and `replica_python` when set (the
+    replica's worker runs that interpreter, e.g. vLLM's environment; it needs the same ray and flywheel)."""
+    options: dict = {"num_cpus": cfg.replica_cpus}
+    if cfg.replica_gpus:
+        options["num_gpus"] = cfg.replica_gpus
+    if cfg.replica_python:
+        options["runtime_env"] = {"py_executable": cfg.replica_python}
+    return options
 
 
 def build_app(cfg: ServeConfig) -> Application:

