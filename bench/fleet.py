@@ -26,7 +26,7 @@ import shutil
 import time
 
 import results
-from traffic import PROMPTS, free_port, one, pct  # bench/traffic.py
+from traffic import free_port, send  # bench/traffic.py
 
 ZIPF_SEED = 7
 
@@ -82,28 +82,6 @@ def zipf_agents(agents: list[str], requests: int, exponent: float) -> list[str]:
     return random.Random(ZIPF_SEED).choices(agents, weights=weights, k=requests)
 
 
-async def _traffic(url: str, targets: list[str], concurrency: int, max_tokens: int) -> dict:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def task(i: int) -> dict:
-        async with sem:
-            return await one(client, targets[i], PROMPTS[i % len(PROMPTS)], True, max_tokens)
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(task(i) for i in range(len(targets))))
-    wall = time.perf_counter() - start
-    await client.close()
-    ttft, total = [r["ttft"] for r in results], [r["total"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "agents": len(set(targets)), "wall_s": round(wall, 1),
-            "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-            "total_p50": round(pct(total, 0.5), 2), "total_p99": round(pct(total, 0.99), 2),
-            "ttft_p50": round(pct(ttft, 0.5), 2), "ttft_p99": round(pct(ttft, 0.99), 2)}
-
-
 def _student_info() -> dict:
     """Adapter counters and resident memory of every StudentModel replica."""
     import psutil
@@ -130,9 +108,9 @@ def _measure(cfg, targets: list[str], args) -> dict:
 
     url = run(cfg, ready_timeout_s=600)
     try:
-        asyncio.run(_traffic(url, targets[:4], 4, 2))  # warm: first compile / first adapters
+        asyncio.run(send(url, targets[:4], 4, 2))  # warm: first compile / first adapters
         before = _student_info()
-        out = asyncio.run(_traffic(url, targets, args.concurrency, args.max_tokens))
+        out = asyncio.run(send(url, targets, args.concurrency, args.max_tokens))
         out.update(_counters(before, _student_info()))
     finally:
         shutdown()
