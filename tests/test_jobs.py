@@ -59,7 +59,7 @@ def ray_head(tmp_path_factory):
     yield {"address": address, "env": env, "ray": ray}
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)  # `ray start --block` lingers after SIGTERM; its processes are killed below anyway
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     # processes of this head carry its temp dir in their command line; never `ray stop` (it kills every Ray)

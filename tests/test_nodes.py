@@ -1,7 +1,8 @@
 """Several Ray nodes on one machine (`ray.cluster_utils.Cluster` in a subprocess, so the session's own Ray is not
 disturbed): nodes whose processes started without the driver's environment (a local home refused, the S3
-endpoint reaching them, a base model named by an s3:// URI copied to the node that loads it), and a node with a
-(fake) GPU that the student replica given one lands on.
+endpoint reaching them, a base model named by an s3:// URI copied to the node that loads it, a distillation with
+one Train worker on each node and the home on S3), a node with a (fake) GPU that the student replica given one
+lands on, and two controllers on two nodes.
 
     .venv/bin/python -m pytest tests/test_nodes.py -q
 
@@ -209,3 +210,64 @@ def test_two_controllers_on_two_nodes_never_run_a_pass_at_once(tmp_path):
         assert all(end <= other_start or other_end <= start for other_start, other_end in spans_b)
     outcomes, held = outcomes_a + outcomes_b, {"lease": "held by another controller"}
     assert held in outcomes and all(o in ({"a1": "idle"}, held) for o in outcomes)
+
+
+DISTILL_ON_S3 = r"""
+import json, os, sys
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+import boto3
+import ray
+from moto.server import ThreadedMotoServer
+from ray.cluster_utils import Cluster
+from flywheel.capture.store import ingest_file
+from flywheel.config import CurateConfig, DistillConfig
+from flywheel.curate.pipeline import curate
+from flywheel.distill.train import distill
+from flywheel.raycluster import connect_ray
+from flywheel.storage import Store
+model, logs, port = sys.argv[1:4]
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(port), verbose=False)
+server.start()
+endpoint = f"http://127.0.0.1:{port}"
+boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flywheel")
+# one CPU per node and one per training worker: the two workers can only run one on each node
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+cluster.wait_for_nodes()
+os.environ.update(RAY_ADDRESS=cluster.address, FLYWHEEL_S3_ENDPOINT=endpoint)
+store = Store("s3://flywheel/home")
+store.upload(model, "models/base")
+connect_ray()
+base = "s3://flywheel/home/models/base"
+ingest_file(store, logs)
+curate(CurateConfig(agents=("sgd_Flights",), min_examples=4), store)
+cfg = DistillConfig(agent="sgd_Flights", base_model=base, num_workers=2, batch_size=2, max_length=1024,
+                    max_steps=2, checkpoint_every=1, run_name="two-nodes")
+out = distill(cfg, store)
+from safetensors.torch import load
+from flywheel.registry.registry import Registry
+with store.open(out["adapter"] + "/adapter_model.safetensors") as f:
+    weights = load(f.read())
+entry = Registry(store).get("sgd_Flights", out["version"])
+print("RESULT", json.dumps({"steps": out["steps"], "version": out["version"], "adapter": out["adapter"],
+                            "lineage": [entry["base_model"], entry["dataset_version"] is not None],
+                            "trained": any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k),
+                            "checkpoints": store.list("checkpoints/two-nodes")}), flush=True)
+ray.shutdown()
+cluster.shutdown()
+server.stop()
+"""
+
+
+def test_distill_runs_a_worker_on_each_node_with_the_home_and_the_base_model_on_s3(tiny_model, sgd_sample):
+    """Two Train workers on two nodes that share no setting but Ray: the base model by URI (each node copies it),
+    the curated data, checkpoints and the adapter all through an S3 home that only the driver knows the endpoint of.
+    (Resuming from those checkpoints: tests/test_distill.py.)"""
+    from serving import free_port
+
+    [line] = on_two_nodes(DISTILL_ON_S3, tiny_model, sgd_sample, str(free_port()), timeout=600)
+    result = json.loads(line)
+    assert result["steps"] == 2 and result["version"] == "v1" and result["adapter"] == "adapters/sgd_Flights/v1"
+    assert result["lineage"] == ["s3://flywheel/home/models/base", True]  # the URI, not a node's copy
+    assert result["trained"]  # LoRA B starts at zero: the two workers' steps moved it
+    assert result["checkpoints"]  # in the S3 home, where a worker on another node resumes from them

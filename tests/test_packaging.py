@@ -104,7 +104,7 @@ PROMPTS = [[{"role": "user", "content": "Find me a flight from Phoenix to Las Ve
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason="no second environment (make vllm)")
-def test_the_lowest_declared_transformers_decodes_and_trains_as_the_newest(student_path, tmp_path):
+def test_the_lowest_declared_transformers_decodes_and_trains_as_the_newest(tiny_model, tmp_path):
     """transformers renamed the forward's `past_key_values` to `cache` in 5.24; an older forward swallows `cache=`
     without a word, so the KV cache was dropped (garbage after the first token, a wrong shared-prefix loss). The
     vLLM environment holds the lowest transformers pyproject.toml allows (and xgrammar 0.2.8, which vllm pins): the
@@ -119,14 +119,14 @@ def test_the_lowest_declared_transformers_decodes_and_trains_as_the_newest(stude
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         [spec] = [r for r in tomllib.load(f)["project"]["dependencies"] if r.startswith("transformers")]
     lowest = re.search(r">=([0-9.]+)", spec).group(1)
-    adapter = strong_adapter(student_path, str(tmp_path / "adapter"))
+    adapter = strong_adapter(tiny_model, str(tmp_path / "adapter"))
     out = tmp_path / "old.json"
-    run = subprocess.run([VLLM_PYTHON, os.path.join(REPO, "tests", "hf_range_check.py"), student_path, adapter,
+    run = subprocess.run([VLLM_PYTHON, os.path.join(REPO, "tests", "hf_range_check.py"), tiny_model, adapter,
                           str(out)], input=json.dumps(PROMPTS), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     old = json.loads(out.read_text())
     assert old["transformers"].startswith(lowest), (old["transformers"], spec)  # the bound is what is tested
-    hf = HFEngine(student_path, dtype="float32")
+    hf = HFEngine(tiny_model, dtype="float32")
     hf.load_adapter("a", adapter)
     here = [g.text for g in hf.generate(PROMPTS * 2, [None] * len(PROMPTS) + ["a"] * len(PROMPTS), 16)]
     from hf_range_check import CONSTRAINT

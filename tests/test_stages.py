@@ -70,6 +70,7 @@ def test_captured_wal_records_flow_into_curation(ray_session, store):
     assert store.list("logs/wal") == []
 
 
+@pytest.mark.extended  # the same, across two nodes with an S3 home, runs in CI (tests/test_nodes.py)
 def test_distill_trains_registers_and_resumes(curated, store, tiny_model):
     cfg = DistillConfig(agent="sgd_Flights", base_model=tiny_model, max_steps=4, checkpoint_every=2,
                         num_workers=2, batch_size=2, max_length=1024)

