@@ -60,7 +60,8 @@ def serve_config(args, home: str, engine: str):
 
     return ServeConfig(home=home, base_model=args.base_model, port=free_port(), auth="off", rate_limit_rps=0,
                        engine=engine, replica_python=VLLM_PYTHON if engine == "vllm" else "", dtype=args.dtype,
-                       num_replicas=1, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, max_batch_size=args.concurrency,
+                       num_replicas=1, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                       max_batch_size=args.concurrency,
                        max_new_tokens=args.max_tokens, max_resident_adapters=args.max_loras,
                        max_adapters_per_replica=args.max_cpu_loras, max_adapter_rank=args.rank,
                        batch_wait_s=0.01, request_timeout_s=900)
@@ -97,8 +98,9 @@ class VLLMServer:
                      "--max-lora-rank", str(args.rank), "--max-num-seqs", str(args.concurrency),
                      "--disable-uvicorn-access-log", *(["--enforce-eager"] if not args.replica_gpus else []),
                      "--lora-modules", *modules]  # eager on CPU, as VLLMEngine sets it there
-        cpus = sorted(os.sched_getaffinity(0))
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}-{cpus[-1]}"}
+        from flywheel.inference.vllm_engine import cpu_environment  # no vllm import: the settings only
+
+        self.env = {**os.environ, **cpu_environment()}
 
     def __enter__(self) -> str:
         import httpx

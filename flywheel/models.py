@@ -13,6 +13,7 @@ plain `LlamaForCausalLM` from its config and state dict and save an ordinary HF 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -127,6 +128,7 @@ def build_tiny(out_dir: str, tokenizer_from: str | None = None, seed: int = 0, h
     return out_dir
 
 
+@functools.cache
 def cache_keyword() -> str:
     """The keyword a Hugging Face model's forward takes its KV cache by: `cache` from transformers 5.24 on,
     `past_key_values` before. An older forward swallows an unknown `cache=` in its **kwargs, so the cache would be

@@ -46,10 +46,12 @@ def engine_kind(setting: str, gpus: float = 0.0) -> str:
     return "vllm" if gpus > 0 and available() else "hf"
 
 
-def _cpu_environment(kv_cache_gib: float) -> None:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
+def cpu_environment(kv_cache_gib: float = 1.0) -> dict[str, str]:
+    """vLLM's CPU settings as this engine uses them: the KV cache size (GiB) and its threads bound to this
+    process's CPUs (also what `bench/peer.py` gives vLLM's own server)."""
     cpus = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0]))
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(kv_cache_gib))),
+            "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0])}
 
 
 class _Pending:
@@ -91,7 +93,8 @@ class VLLMEngine:
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if self.device == "cpu":
-            _cpu_environment(kv_cache_gib)
+            for key, value in cpu_environment(kv_cache_gib).items():
+                os.environ.setdefault(key, value)
         if dtype == "auto":
             dtype = "bfloat16" if native_bf16(self.device) else "float32"
         from flywheel.models import local_model

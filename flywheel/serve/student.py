@@ -50,8 +50,8 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import sys
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -526,7 +526,8 @@ class StudentModel:
             waiting = len(self._waiting)
         names = [n for n in self.engine.adapters() if n in self._model_ids]
         resident = set(self.engine.resident())
-        return {**self.stats, "engine": engine.get("engine", "hf"), "python": sys.executable, "batches": engine.get("steps", 0) + engine.get("prefills", 0),
+        return {**self.stats, "engine": engine.get("engine", "hf"), "python": sys.executable,
+                "batches": engine.get("steps", 0) + engine.get("prefills", 0),
                 **{key: engine.get(key, 0) for key in ("mixed_batches", "largest_batch", "rows_cancelled")},
                 "adapter_reloads": engine.get("reloads", 0), "adapter_evictions": engine.get("evictions", 0),
                 "adapter_copies": self.disk.copies, "slots": engine.get("slots", 0),
