@@ -7,6 +7,7 @@ beside flywheel), so `replica_python` stays empty here.
 """
 
 import importlib.util
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,3 +96,4 @@ def test_deepspeed_zero3_trains_a_step_on_the_gpu(ray_session, store, sgd_sample
     assert out["steps"] == 2 and out["loss"] == out["loss"]  # finite, not NaN
     weights = load_file(os.path.join(store.path(f"adapters/sgd_Flights/{out['version']}"), "adapter_model.safetensors"))
     assert any(float(w.float().abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k)
+    assert json.dumps(out)  # the result is plain data
