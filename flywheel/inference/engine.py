@@ -32,6 +32,7 @@ a time; adapters load between its steps.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -156,7 +157,7 @@ class HFEngine:
         self._compiler = None
         self.counters = {"steps": 0, "prefills": 0, "mixed_batches": 0, "largest_batch": 0, "rows": 0,
                          "rows_cancelled": 0, "loads": 0, "reloads": 0, "prefill_tokens": 0,
-                         "prefill_tokens_shared": 0}
+                         "prefill_tokens_shared": 0, "step_rows": 0, "prefill_s": 0.0, "step_s": 0.0}
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def adapters(self) -> list[str]:
@@ -189,8 +190,9 @@ class HFEngine:
         `mixed_batches` (passes whose rows use more than one adapter, the base model counting as one),
         `largest_batch` (rows in one pass), `rows` and `rows_cancelled` (rows ended), adapter `loads`, `reloads`
         (an evicted adapter read again from its folder) and `evictions`; `prefill_tokens` (prompt tokens prefilled)
-        and `prefill_tokens_shared` (of those, the ones a shared prefix spared computing again); the slots and their
-        memory."""
+        and `prefill_tokens_shared` (of those, the ones a shared prefix spared computing again); `step_rows` (rows
+        over all decode steps: divided by `steps`, the mean decode batch); `prefill_s` and `step_s` (seconds in
+        prefill and in decode forward passes); the slots and their memory."""
         return {**self.counters, "evictions": self.pool.evictions, "slots": self.pool.slots,
                 "resident": len(self.pool.resident()), "slot_bytes": self.pool.nbytes()}
 
@@ -373,7 +375,7 @@ class _DecodeLoop:
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0) + shared
         if shared:
             mask = torch.cat([mask.new_ones(len(joining), shared), mask], dim=1)
-        logits = self._forward(ids, mask, positions, cache, [live.slot for live in joining])
+        logits = self._forward(ids, mask, positions, cache, [live.slot for live in joining], "prefill_s")
         counters = self.engine.counters
         counters["prefills"] += 1
         counters["prefill_tokens"] += sum(len(live.prompt) for live in joining)
@@ -402,7 +404,7 @@ class _DecodeLoop:
         if shared:
             ids = torch.tensor([joining[0].prompt[:shared]], device=self.device)
             positions = torch.arange(shared, device=self.device)[None]
-            self._forward(ids, torch.ones_like(ids), positions, cache, [joining[0].slot])
+            self._forward(ids, torch.ones_like(ids), positions, cache, [joining[0].slot], "prefill_s")
             cache.batch_repeat_interleave(len(joining))
         return cache
 
@@ -435,22 +437,27 @@ class _DecodeLoop:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
         positions = torch.tensor([[live.position] for live in self.active], device=self.device)
         slots = [live.slot for live in self.active]
-        logits = self._forward(ids, self.mask, positions, self.cache, slots)
+        logits = self._forward(ids, self.mask, positions, self.cache, slots, "step_s")
         self.engine.counters["steps"] += 1
+        self.engine.counters["step_rows"] += len(slots)
         for live in self.active:
             live.position += 1
         self._advance(self.active, logits)
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, slots: list[int]) -> Any:
-        """One forward pass (prefill or decode step) with each row's adapter slot; the last position's logits."""
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, slots: list[int], clock: str) -> Any:
+        """One forward pass (prefill or decode step) with each row's adapter slot; the last position's logits.
+        Its seconds add to the counter `clock` names."""
+        start = time.perf_counter()
         with self.engine._step:
             self.pool.set_rows(slots)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self.engine.cache_keyword: cache})
+            logits = out.logits[:, -1].float()
         counters = self.engine.counters
+        counters[clock] += time.perf_counter() - start
         counters["mixed_batches"] += len(set(slots)) > 1
         counters["largest_batch"] = max(counters["largest_batch"], len(slots))
-        return out.logits[:, -1].float()
+        return logits
 
     def _advance(self, lives: list[_Live], logits: Any) -> None:
         """Each row's next token from its logits row (grammar, then sampling or greedy) with its log-probability

@@ -267,6 +267,8 @@ class Ingress:
                            agents, _last_line(e))
 
     async def _route(self, agent: str) -> Route:
+        if agent == self.cfg.base_model_name:  # before the catalog: an agent of that name is not reachable
+            return Route(STUDENT, agent, "default", "the student's base model, no adapter (base_model_name)", STUDENT)
         entry = (await self._snapshot()).get(agent)
         if entry is None:
             raise APIError(404, f"The model {agent!r} does not exist: it is not a known agent. GET /v1/models lists "
@@ -324,16 +326,18 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         principal = await self.principal(request)
-        entries = [e for e in (await self._snapshot()).listing() if principal is None or principal.may_call(e.agent)]
-        return {"object": "list", "data": [{"id": e.agent, "object": "model", "created": e.created,
-                                            "owned_by": "flywheel"} for e in entries]}
+        named = [(self.cfg.base_model_name, 0)] if self.cfg.base_model_name else []
+        named += [(e.agent, e.created) for e in (await self._snapshot()).listing() if e.agent not in dict(named)]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "flywheel"}
+                                           for name, created in named
+                                           if principal is None or principal.may_call(name)]}
 
     @api.get("/v1/models/{agent}")
     async def model(self, agent: str, request: Request) -> dict:
         principal = await self.principal(request)
         self._allow(principal, agent)
         await self._route(agent)
-        entry = (await self._snapshot()).get(agent)
+        entry = None if agent == self.cfg.base_model_name else (await self._snapshot()).get(agent)
         return {"id": agent, "object": "model", "created": entry.created if entry else 0, "owned_by": "flywheel"}
 
     # -- feedback, review, status (flywheel.serve.review_routes) -------------------------------------------------

@@ -219,6 +219,21 @@ class _Adapter:
             pass
 
 
+class _BaseModel:
+    """What a request for `base_model_name` holds instead of an adapter: the base model, never evicted."""
+
+    model_id, name = "", None
+
+    def acquire(self) -> bool:
+        return True
+
+    async def release(self) -> None:
+        pass
+
+
+_BASE = _BaseModel()
+
+
 def _engine(cfg: ServeConfig) -> Any:
     """The replica's engine from `cfg.engine` and the GPUs it was given (`replica_gpus`; auto: vLLM for a GPU
     replica with vllm installed, else HF). A replica given a fraction of a card takes that share of its memory."""
@@ -353,9 +368,12 @@ class StudentModel:
             logger.info("prewarmed the busiest agents at start: %s", result)
 
     # -- requests ----------------------------------------------------------------------------------------------
-    async def _held_adapter(self, model_id: str, tries: int = 3) -> _Adapter:
-        """The request's adapter, held (acquired) before anything else can evict it. Under heavy churn the
-        multiplexer's LRU may evict an adapter between loading it and this request holding it: ask again."""
+    async def _held_adapter(self, model_id: str, tries: int = 3) -> Any:
+        """The request's adapter, held (acquired) before anything else can evict it (the base model, no adapter,
+        for `base_model_name`). Under heavy churn the multiplexer's LRU may evict an adapter between loading it
+        and this request holding it: ask again."""
+        if model_id and model_id == self.cfg.base_model_name:
+            return _BASE
         for _ in range(tries):
             adapter = await self._adapter(model_id)
             if adapter.acquire():
@@ -485,8 +503,21 @@ class StudentModel:
             self._waiting = kept
         return taken
 
+    async def _fill(self) -> None:
+        """Let a batch fill: until `max_batch_size` rows wait or `batch_wait_s` has passed."""
+        deadline = time.monotonic() + self.cfg.batch_wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            self._wake.clear()  # before counting: a row enqueued after the count sets it again
+            with self._waiting_lock:
+                if len(self._waiting) >= self.cfg.max_batch_size:
+                    return
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
     async def _decode_loop(self) -> None:
-        """While rows wait: let a batch fill for `batch_wait_s`, then run the engine's continuous loop until it
+        """While rows wait: let a batch fill (`_fill`), then run the engine's continuous loop until it
         has nothing left (new rows join it between steps)."""
         while True:
             await self._wake.wait()
@@ -495,8 +526,7 @@ class StudentModel:
                 waiting = len(self._waiting)
             if not waiting:
                 continue
-            if waiting < self.cfg.max_batch_size:
-                await asyncio.sleep(self.cfg.batch_wait_s)  # let a batch fill
+            await self._fill()
             try:
                 await asyncio.to_thread(self.engine.run_continuous, self._take, self.cfg.max_batch_size)
             except Exception:  # its rows were told why; the next rows start a fresh loop
@@ -528,7 +558,8 @@ class StudentModel:
         resident = set(self.engine.resident())
         return {**self.stats, "engine": engine.get("engine", "hf"), "python": sys.executable,
                 "batches": engine.get("steps", 0) + engine.get("prefills", 0),
-                **{key: engine.get(key, 0) for key in ("mixed_batches", "largest_batch", "rows_cancelled")},
+                **{key: engine.get(key, 0) for key in ("mixed_batches", "largest_batch", "rows_cancelled", "steps",
+                                                        "prefills", "step_rows", "prefill_s", "step_s")},
                 "adapter_reloads": engine.get("reloads", 0), "adapter_evictions": engine.get("evictions", 0),
                 "adapter_copies": self.disk.copies, "slots": engine.get("slots", 0),
                 "slot_bytes": engine.get("slot_bytes", 0),
