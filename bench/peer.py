@@ -1,6 +1,6 @@
 """Flywheel's serving against vLLM's own OpenAI server on the same traffic, in one run on one machine.
 
-    .venv/bin/python bench/peer.py                                   # ~30 min on 2 CPU cores
+    .venv/bin/python bench/peer.py --requests 48                     # ~15 min on 2 CPU cores
     .venv/bin/python bench/peer.py --shapes 1,100 --requests 16 --systems flywheel-hf,vllm-server
 
 Builds a home with the largest shape's agents, each with its own random LoRA adapter (rank `--rank` on q/v: what an
@@ -12,12 +12,20 @@ adapter learned does not change its cost), registered and promoted. Then the sam
   vllm-server     vLLM's own OpenAI server from that environment, every adapter registered by name
                   (`--lora-modules`), the same `max_loras` / `max_cpu_loras` / rank as Flywheel's replica.
 
-Traffic shapes (`--shapes`): `base` (the base model: vLLM's server only, since Flywheel serves agents, each by its
-adapter), and N adapters (1, 100, 1000: the agents drawn from a Zipf distribution over the first N, exponent
+Traffic shapes (`--shapes`): `base` (the base model, no adapter: Flywheel's `base_model_name` route, vLLM's served
+model name), and N adapters (1, 100, 1000: the agents drawn from a Zipf distribution over the first N, exponent
 `--zipf`; 1 is every request to one agent). Each system and shape prints output tokens/s, p50/p99 latency and
 time to first token; then the ratios Flywheel / vLLM server. Each engine also decodes the same rows directly,
 without HTTP (`direct`: the continuous decode loop a replica runs, at most `--concurrency` rows at once), so Serve's
-overhead is a printed ratio. Results go to bench/figures/peer-<time>.json, rewritten as each measurement ends.
+overhead is a printed ratio. Every system and engine first answers each model of a shape once (adapters loaded),
+then is measured. Flywheel runs with its own defaults unless flags say otherwise (`--replica-cpus`: its replica's
+CPUs and torch threads, also the HF engine's threads when direct; `--batch-wait-s`); vLLM's server and engine bind
+their threads to every core here, as vLLM does by default.
+
+Each measurement also says where the time went (`breakdown`): the share of the wall time the HF engine spent in
+prefill and in decode forward passes, how many of each, the mean decode batch, and the cores each process kept
+busy (student replica, Ingress, HTTP proxy, Serve controller, Ray, the clients: `bench/processes.py`). Results go to
+bench/figures/peer-<time>.json, rewritten as each measurement ends.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results  # noqa: E402  (bench/results.py)
+from processes import cpu_seconds, cpu_shares  # noqa: E402  (bench/processes.py)
 from traffic import PROMPTS, free_port, send  # noqa: E402  (bench/traffic.py)
 
 VLLM_PYTHON = os.environ.get("FLYWHEEL_VLLM_PYTHON", os.path.join(REPO, ".venv-vllm", "bin", "python"))
@@ -60,11 +69,12 @@ def serve_config(args, home: str, engine: str):
 
     return ServeConfig(home=home, base_model=args.base_model, port=free_port(), auth="off", rate_limit_rps=0,
                        engine=engine, replica_python=VLLM_PYTHON if engine == "vllm" else "", dtype=args.dtype,
+                       base_model_name=BASE,
                        num_replicas=1, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                        max_batch_size=args.concurrency,
                        max_new_tokens=args.max_tokens, max_resident_adapters=args.max_loras,
                        max_adapters_per_replica=args.max_cpu_loras, max_adapter_rank=args.rank,
-                       batch_wait_s=0.01, request_timeout_s=900)
+                       batch_wait_s=args.batch_wait_s, request_timeout_s=900)
 
 
 class FlywheelServer:
@@ -82,6 +92,16 @@ class FlywheelServer:
         from flywheel.serve.app import shutdown
 
         shutdown()
+
+    @staticmethod
+    def engine_counters() -> dict:
+        """The student replica's engine counters (`StudentModel.info`)."""
+        from ray import serve
+
+        from flywheel.serve.app import APP_NAME
+
+        info = serve.get_deployment_handle("StudentModel", APP_NAME).info.remote().result(timeout_s=60)
+        return {k: info.get(k, 0) for k in ENGINE_COUNTERS}
 
 
 class VLLMServer:
@@ -119,6 +139,10 @@ class VLLMServer:
             time.sleep(1)
         raise TimeoutError(f"vLLM's server did not answer /health: see {self.log.name}")
 
+    @staticmethod
+    def engine_counters() -> dict:
+        return {}  # vLLM's server keeps its own (its /metrics); the process shares still say where the CPU went
+
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         try:
@@ -129,15 +153,39 @@ class VLLMServer:
 
 
 def measure_http(server, shapes: dict[str, list[str]], args, out: dict, save) -> None:
-    """Each shape's traffic through one running system, after a short warm-up of its own models, into `out`."""
+    """Each shape's traffic through one running system, after a short warm-up of its own models, into `out`,
+    with where the time went (`breakdown`)."""
     start = time.perf_counter()
     with server as url:
         out["start_s"] = round(time.perf_counter() - start, 1)
         for shape, targets in shapes.items():
-            asyncio.run(send(url, targets[:2], 2, 2, temperature=0))
+            asyncio.run(send(url, warm_up(targets), 2, 2, temperature=0))
+            engine, cpu = server.engine_counters(), cpu_seconds()
             out[shape] = asyncio.run(send(url, targets, args.concurrency, args.max_tokens, temperature=0))
+            out[shape]["breakdown"] = breakdown(engine, server.engine_counters(), cpu, out[shape]["wall_s"])
             print(f"  {shape}: {json.dumps(out[shape])}", flush=True)
             save()
+
+
+def warm_up(targets: list[str]) -> list[str]:
+    """Each model a shape names, once: every system measures with its adapters loaded, as `direct` does."""
+    return list(dict.fromkeys(targets))
+
+
+ENGINE_COUNTERS = ("prefills", "steps", "step_rows", "prefill_s", "step_s")
+
+
+def breakdown(engine_before: dict, engine_after: dict, cpu_before: dict, wall_s: float) -> dict:
+    """Where one measurement's wall time went: the share the HF engine spent in forward passes (prefill, decode),
+    its passes and mean decode batch (empty for an engine without these counters), and the cores each process
+    role kept busy (`bench/processes.py`)."""
+    found: dict = {"cores": cpu_shares(cpu_before, cpu_seconds(), wall_s)}
+    if engine_after:
+        d = {k: engine_after.get(k, 0) - engine_before.get(k, 0) for k in ENGINE_COUNTERS}
+        found.update({"prefill_share": round(d["prefill_s"] / wall_s, 3), "decode_share": round(d["step_s"] / wall_s, 3),
+                      "prefills": d["prefills"], "steps": d["steps"],
+                      "mean_decode_batch": round(d["step_rows"] / d["steps"], 2) if d["steps"] else 0})
+    return found
 
 
 # -- the engines, directly ----------------------------------------------------------------------------------------
@@ -167,13 +215,15 @@ def decode_direct(engine, targets: list[str], concurrency: int, max_tokens: int)
     for i, target in enumerate(targets):
         turns = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
         waiting.put(Row(turns, None if target == BASE else target, Sampling(max_tokens)))
+    counters = getattr(engine, "counters", {})
+    engine_before, cpu = dict(counters), cpu_seconds()
     start = time.perf_counter()
     engine.run_continuous(take, concurrency)
     wall = time.perf_counter() - start
     seconds, tokens = [e[0] for e in ends], sum(e[1] for e in ends)
     return {"requests": len(ends), "wall_s": round(wall, 1), "output_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2), "total_p50": round(pct(seconds, 0.5), 2),
-            "total_p99": round(pct(seconds, 0.99), 2)}
+            "total_p99": round(pct(seconds, 0.99), 2), "breakdown": breakdown(engine_before, counters, cpu, wall)}
 
 
 def direct(engine_kind: str, base_model: str, adapters: dict[str, str], shapes: dict[str, list[str]],
@@ -195,7 +245,7 @@ def direct(engine_kind: str, base_model: str, adapters: dict[str, str], shapes: 
         engine.load_adapter(name, adapters[name])
     out = {}
     for shape, targets in shapes.items():
-        decode_direct(engine, targets[:2], 2, 2)  # warm, as the HTTP runs are
+        decode_direct(engine, warm_up(targets), 2, 2)  # warm, as the HTTP runs are
         out[shape] = decode_direct(engine, targets, concurrency, max_tokens)
     if hasattr(engine, "close"):
         engine.close()
@@ -278,6 +328,8 @@ def ratios(out: dict) -> dict:
 
 
 def main() -> int:
+    from flywheel.config import ServeConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-model", default=os.environ.get("FLYWHEEL_STUDENT",
                                                           os.path.join(REPO, "models", "smollm2-135m-instruct")))
@@ -291,7 +343,10 @@ def main() -> int:
     p.add_argument("--max-loras", type=int, default=16, help="adapters in one batch (Flywheel's slots)")
     p.add_argument("--max-cpu-loras", type=int, default=64, help="adapters held per replica / server")
     p.add_argument("--zipf", type=float, default=1.1)
-    p.add_argument("--replica-cpus", type=float, default=2.0)
+    p.add_argument("--replica-cpus", type=float, default=ServeConfig.replica_cpus,
+                   help="CPUs (and the HF engine's torch threads) of Flywheel's replica and of the direct runs")
+    p.add_argument("--batch-wait-s", type=float, default=ServeConfig.batch_wait_s,
+                   help="how long Flywheel's idle decode loop waits for a batch to fill")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs for Flywheel's replica (and the engines)")
     p.add_argument("--dtype", default="float32", help="float32 (CPU here), or bfloat16 on a GPU")
     p.add_argument("--direct-json", help=argparse.SUPPRESS)  # internal: the vLLM engine's run in its environment
@@ -331,15 +386,13 @@ def run(args) -> int:
                 args.max_cpu_loras, args.rank, int(args.replica_cpus), args.dtype, args.replica_gpus > 0)
             print(f"  {json.dumps(out['direct'][engine])}", flush=True)
             save()
-        flywheel_shapes = {s: t for s, t in shapes.items() if s != BASE}
         if any(s.startswith("flywheel") for s in systems):
             ray.init(num_cpus=max(2, int(args.replica_cpus) + 1), include_dashboard=False, log_to_driver=False)
         for system in systems:
             print(system, flush=True)
             server = VLLMServer(args, adapters) if system == "vllm-server" else \
                 FlywheelServer(args, home, "vllm" if system == "flywheel-vllm" else "hf")
-            measure_http(server, shapes if system == "vllm-server" else flywheel_shapes, args,
-                         out["http"].setdefault(system, {}), save)
+            measure_http(server, shapes, args, out["http"].setdefault(system, {}), save)
     finally:
         if ray.is_initialized():
             ray.shutdown()
