@@ -267,7 +267,7 @@ class Ingress:
                            agents, _last_line(e))
 
     async def _route(self, agent: str) -> Route:
-        if agent == self.cfg.base_model_name:  # before the catalog: an agent of that name is not reachable
+        if self.cfg.base_model_name and agent == self.cfg.base_model_name:  # before the catalog: an agent of that name is not reachable
             return Route(STUDENT, agent, "default", "the student's base model, no adapter (base_model_name)", STUDENT)
         entry = (await self._snapshot()).get(agent)
         if entry is None:
@@ -326,8 +326,9 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         principal = await self.principal(request)
-        named = [(self.cfg.base_model_name, 0)] if self.cfg.base_model_name else []
-        named += [(e.agent, e.created) for e in (await self._snapshot()).listing() if e.agent not in dict(named)]
+        base = self.cfg.base_model_name
+        named = [(base, 0)] if base else []
+        named += [(e.agent, e.created) for e in (await self._snapshot()).listing() if e.agent != base]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "flywheel"}
                                            for name, created in named
                                            if principal is None or principal.may_call(name)]}
