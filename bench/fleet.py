@@ -26,7 +26,7 @@ import shutil
 import time
 
 import results
-from traffic import free_port, send  # bench/traffic.py
+from traffic import free_port, send, student_info  # bench/traffic.py
 
 ZIPF_SEED = 7
 
@@ -85,12 +85,10 @@ def zipf_agents(agents: list[str], requests: int, exponent: float) -> list[str]:
 def _student_info() -> dict:
     """Adapter counters and resident memory of every StudentModel replica."""
     import psutil
-    from ray import serve
 
     from flywheel.serve.app import APP_NAME
 
-    handle = serve.get_deployment_handle("StudentModel", APP_NAME)
-    info = handle.info.remote().result(timeout_s=60)
+    info = student_info()
     replicas = [p for p in psutil.process_iter(["cmdline"])  # Ray titles a replica "ray::ServeReplica:<app>:<name>"
                 if "ServeReplica:" + APP_NAME + ":StudentModel" in " ".join(p.info["cmdline"] or [])]
     info["rss_mb"] = [round(p.memory_info().rss / 2 ** 20) for p in replicas]

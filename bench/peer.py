@@ -46,7 +46,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results  # noqa: E402  (bench/results.py)
 from processes import cpu_seconds, cpu_shares  # noqa: E402  (bench/processes.py)
-from traffic import PROMPTS, free_port, send  # noqa: E402  (bench/traffic.py)
+from traffic import PROMPTS, free_port, send, student_info  # noqa: E402  (bench/traffic.py)
 
 VLLM_PYTHON = os.environ.get("FLYWHEEL_VLLM_PYTHON", os.path.join(REPO, ".venv-vllm", "bin", "python"))
 BASE = "base"  # the name the base model goes by (vLLM's --served-model-name)
@@ -96,11 +96,7 @@ class FlywheelServer:
     @staticmethod
     def engine_counters() -> dict:
         """The student replica's engine counters (`StudentModel.info`)."""
-        from ray import serve
-
-        from flywheel.serve.app import APP_NAME
-
-        info = serve.get_deployment_handle("StudentModel", APP_NAME).info.remote().result(timeout_s=60)
+        info = student_info()
         return {k: info.get(k, 0) for k in ENGINE_COUNTERS}
 
 

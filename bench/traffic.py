@@ -1,5 +1,5 @@
 """What the serving benchmarks send and how they count it: the prompts, one timed chat completion from an official
-`openai` client (streamed or not), a run of them from concurrent clients, percentiles, a free port.
+`openai` client (streamed or not), a run of them from concurrent clients, percentiles, a free port, the student replica's counters.
 `bench/serve.py`, `bench/fleet.py`, `bench/peer.py` and `bench/engine.py` share these so their figures are
 measured the same way.
 """
@@ -72,3 +72,12 @@ async def send(url: str, targets: list[str], concurrency: int, max_tokens: int, 
             "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
             "total_p50": round(pct(total, 0.5), 2), "total_p99": round(pct(total, 0.99), 2),
             "ttft_p50": round(pct(ttft, 0.5), 2), "ttft_p99": round(pct(ttft, 0.99), 2)}
+
+
+def student_info() -> dict:
+    """`StudentModel.info()` of the served Flywheel app: its engine's counters and adapter slots."""
+    from ray import serve
+
+    from flywheel.serve.app import APP_NAME
+
+    return serve.get_deployment_handle("StudentModel", APP_NAME).info.remote().result(timeout_s=60)
