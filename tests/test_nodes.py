@@ -361,3 +361,51 @@ def test_a_worker_node_lost_mid_curation_still_publishes_one_version_with_every_
         assert got["version"] and got["versions"] == sorted(["LATEST", got["version"]]), got  # published once
         assert c["in"] == got["logged"] == c["kept"] + c["quarantined"] and got["ids_match"], (agent, got)
         assert got["rows"] == got["unique_rows"] == c["kept"], (agent, got)
+
+
+DISTILL_LOSES_A_NODE = DISTILL_ON_S3.split("cfg = DistillConfig")[0].replace(
+    "cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)",
+    "worker = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)") + r"""
+import threading, time
+cfg = DistillConfig(agent="sgd_Flights", base_model=base, num_workers=2, batch_size=2, max_length=1024,
+                    max_steps=int(sys.argv[4]), checkpoint_every=1, run_name="loses-a-node")
+out = {}
+run = threading.Thread(target=lambda: out.update(distill(cfg, store)))
+run.start()
+def checkpoints() -> list[str]:
+    return [n for n in store.list("checkpoints/loses-a-node") if n.startswith("step-")]
+while len(checkpoints()) < 2 and run.is_alive():
+    time.sleep(0.1)
+at_loss = {"checkpoints": checkpoints(), "training": run.is_alive(),
+           "marked": store.read_json("checkpoints/loses-a-node/persisted.json")}
+cluster.remove_node(worker)  # one of the two Train workers dies with its node
+cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)  # what an autoscaler does: a fresh, empty node
+run.join(timeout=900)
+from flywheel.registry.registry import Registry
+versions = [v["version"] for v in Registry(store).versions("sgd_Flights")]
+print("RESULT", json.dumps({"at_loss": at_loss, "steps": out.get("steps"), "resumed_at": out.get("resumed_at"),
+                            "version": out.get("version"), "nodes_alive": sum(n["Alive"] for n in ray.nodes()),
+                            "versions": versions}), flush=True)
+ray.shutdown()
+cluster.shutdown()
+server.stop()
+"""
+
+
+def test_a_worker_node_lost_mid_training_resumes_on_a_new_node_from_the_s3_checkpoint(tiny_model, sgd_sample):
+    """Two Train workers on two nodes, checkpoints to the S3 home every step. After the second checkpoint the worker
+    node is removed and a fresh node joins (as an autoscaler would replace it): the worker group restarts on it and
+    resumes from a checkpoint on S3, so only the steps after it are computed again, and one version registers. The
+    loss comes as soon as the checkpoint's files are up, before Ray Train's controller has collected the report:
+    without the run's own persisted mark the group restarted from step 0."""
+    from serving import free_port
+
+    [line] = on_two_nodes(DISTILL_LOSES_A_NODE, tiny_model, sgd_sample, str(free_port()), "8", timeout=900)
+    result = json.loads(line)
+    print(json.dumps(result, indent=1))
+    assert result["at_loss"]["training"] and len(result["at_loss"]["checkpoints"]) >= 2, result
+    assert result["steps"] == 8 and result["version"] == "v1" and result["versions"] == ["v1"], result
+    assert result["nodes_alive"] == 2, result
+    # from a checkpoint uploaded before the loss (the newest, or the one before it when the loss came between its
+    # upload and its mark), not from step 0
+    assert 1 <= result["resumed_at"] < 8, result

@@ -9,9 +9,10 @@ gloo on CPU with bf16 autocast, NCCL on GPU) or `deepspeed` (ZeRO stage 1/2/3 fr
 GPU). `grad_accum` micro-batches make one optimizer step.
 Each worker reads the train split (`flywheel.datasets`) from the store, tokenises it, and takes every `world`-th
 batch of a shared, length-bucketed order, so every worker runs the same number of steps. Checkpoints (adapter +
-optimizer + position) go to `checkpoints/<run_name>/` on the store every `checkpoint_every` steps and at each
-epoch end; a restarted worker group resumes from the last one (up to `max_failures` times; `inject_failure_at_step`
-kills a worker once to prove it), and so does a rerun with the same run name. The final adapter is registered in
+optimizer + position) go to `checkpoints/<run_name>/step-<step>/` on the store every `checkpoint_every` steps and
+at each epoch end; a restarted worker group resumes from the last one (up to `max_failures` times;
+`inject_failure_at_step` kills a worker once to prove it), even one Ray Train's controller had not yet collected
+(`_mark_persisted`), and so does a rerun with the same run name. The final adapter is registered in
 the registry as a new (not yet promoted) version with its lineage.
 
 Levers:
@@ -46,6 +47,7 @@ from flywheel.models import local_model
 from flywheel.storage import Store
 
 BEST = "best_adapter"  # in a checkpoint: the adapter with the lowest validation loss so far
+PERSISTED = "persisted.json"  # in a run's checkpoint folder: the newest checkpoint every worker finished uploading
 
 
 class _DDP:
@@ -299,8 +301,9 @@ def _validate(backend: Any, val: list[dict], pad_id: int, cfg: DistillConfig, st
 
 
 def _checkpoint(backend: Any, state: dict, best: dict | None, rank: int, metrics: dict, store: Store,
-                local: str | None) -> None:
-    """Report `metrics` with a checkpoint: the adapter, optimizer and position, and the best adapter so far.
+                local: str | None, root: str) -> None:
+    """Report `metrics` with a checkpoint: the adapter, optimizer and position, and the best adapter so far, in
+    `root/step-<step>` (the run's checkpoint folder under the home), then mark it persisted (`_mark_persisted`).
     `local`: in Ray Train's local mode nothing copies the checkpoint to storage, so it is uploaded there (that
     folder under the home, replaced each time) and the report points at it."""
     import ray.train
@@ -313,15 +316,46 @@ def _checkpoint(backend: Any, state: dict, best: dict | None, rank: int, metrics
         if checkpoint is not None and local:
             store.upload(tmp, local)
             checkpoint = ray.train.Checkpoint(store.pyarrow_fs()[1] + "/" + local, filesystem=store.pyarrow_fs()[0])
-        ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint)
+            return
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_step_dir(state["step"]))
+    _mark_persisted(store, root, state["step"], rank)
 
 
-def _restore(backend: Any, state: dict) -> dict | None:
-    """Resume from Ray Train's latest checkpoint, if any: `state` updated in place; the best adapter's weights."""
+def _step_dir(step: int) -> str:
+    return f"step-{step:08d}"  # sorts by step, so the newer of two checkpoints is the larger name
+
+
+def _mark_persisted(store: Store, root: str, step: int, rank: int) -> None:
+    """Write `root/PERSISTED` naming the checkpoint of `step` once every worker's report has returned (a report
+    uploads its files before it returns). Ray Train's controller commits a reported checkpoint only when it next
+    collects the reports, every couple of seconds, so a worker group lost in between (a node gone) restarted
+    without it, from the previous one or from step 0; `_restore` reads the mark too."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    if rank == 0:
+        store.write_json(f"{root}/{PERSISTED}", {"checkpoint": _step_dir(step), "step": step})
+
+
+def _latest_checkpoint(store: Store, root: str) -> Any:
+    """The newer of Ray Train's committed checkpoint and the one `root/PERSISTED` names; None when neither."""
     import ray.train
+
+    checkpoint, mark = ray.train.get_checkpoint(), store.read_json(f"{root}/{PERSISTED}", default=None)
+    if mark and (checkpoint is None or os.path.basename(checkpoint.path.rstrip("/")) < mark["checkpoint"]):
+        pafs, base = store.pyarrow_fs()
+        checkpoint = ray.train.Checkpoint(f"{base}/{root}/{mark['checkpoint']}", filesystem=pafs)
+    return checkpoint
+
+
+def _restore(backend: Any, state: dict, store: Store, root: str) -> dict | None:
+    """Resume from the run's latest checkpoint, if any (`_latest_checkpoint`): `state` updated in place; the best
+    adapter's weights."""
     from safetensors.torch import load_file
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _latest_checkpoint(store, root)
     if not checkpoint:
         return None
     with checkpoint.as_directory() as d:
@@ -359,7 +393,7 @@ def train_loop_per_worker(config: dict) -> None:
         teacher.to(backend.device)
     state = {"step": 0, "tokens": 0, "computed_tokens": 0,
              "validation": {"best": None, "best_step": 0, "stale": 0, "stopped_at": 0, "history": []}}
-    best = _restore(backend, state)
+    best = _restore(backend, state, store, config["checkpoint_root"])
     resumed_at = checkpointed = state["step"]
     backend.model.train()
     started, losses = time.time(), []
@@ -383,7 +417,8 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {**_run_metrics(state, losses, steps_per_epoch, total, time.time() - started, resumed_at),
                            "train_examples": len(encoded), **(_validation_metrics(state, len(val)) if val else {})}
                 losses = []
-                _checkpoint(backend, state, best, rank, metrics, store, config.get("local_checkpoint"))
+                _checkpoint(backend, state, best, rank, metrics, store, config.get("local_checkpoint"),
+                            config["checkpoint_root"])
                 checkpointed = state["step"]
             if stopped:
                 break
@@ -463,7 +498,8 @@ def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "home": store.uri, "sources": [list(s) for s in sources],
-                           "run_name": run_name, "init_adapter": init, "local_checkpoint": local},
+                           "run_name": run_name, "init_adapter": init, "local_checkpoint": local,
+                           "checkpoint_root": f"{storage}/{run_name}"},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=f"{base}/{storage}", storage_filesystem=pafs,
