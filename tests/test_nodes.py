@@ -2,7 +2,7 @@
 disturbed): nodes whose processes started without the driver's environment (a local home refused, the S3
 endpoint reaching them, a base model named by an s3:// URI copied to the node that loads it, a distillation with
 one Train worker on each node and the home on S3), a node with a (fake) GPU that the student replica given one
-lands on, two controllers on two nodes, and a worker node lost mid-curation.
+lands on, two controllers on two nodes, and a worker node lost mid-curation or mid-training.
 
     .venv/bin/python -m pytest tests/test_nodes.py -q
 
