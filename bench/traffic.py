@@ -1,5 +1,6 @@
 """What the serving benchmarks send and how they count it: the prompts, one timed chat completion from an official
-`openai` client (streamed or not), a run of them from concurrent clients, percentiles, a free port, the student replica's counters.
+`openai` client (streamed or not), a run of them from concurrent clients, percentiles, a free port, the student
+replica's counters.
 `bench/serve.py`, `bench/fleet.py`, `bench/peer.py` and `bench/engine.py` share these so their figures are
 measured the same way.
 """

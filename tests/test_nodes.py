@@ -2,7 +2,7 @@
 disturbed): nodes whose processes started without the driver's environment (a local home refused, the S3
 endpoint reaching them, a base model named by an s3:// URI copied to the node that loads it, a distillation with
 one Train worker on each node and the home on S3), a node with a (fake) GPU that the student replica given one
-lands on, two controllers on two nodes, and a worker node lost mid-curation or mid-training.
+lands on, two controllers on two nodes, and a worker node lost mid-curation, mid-training or under serving load.
 
     .venv/bin/python -m pytest tests/test_nodes.py -q
 
@@ -396,7 +396,7 @@ def test_a_worker_node_lost_mid_training_resumes_on_a_new_node_from_the_s3_check
     """Two Train workers on two nodes, checkpoints to the S3 home every step. After the second checkpoint the worker
     node is removed and a fresh node joins (as an autoscaler would replace it): the worker group restarts on it and
     resumes from a checkpoint on S3, so only the steps after it are computed again, and one version registers. The
-    loss comes as soon as the checkpoint's files are up, before Ray Train's controller has collected the report:
+    loss comes as soon as the checkpoint's folder appears, before Ray Train's controller has collected the report:
     without the run's own persisted mark the group restarted from step 0."""
     from serving import free_port
 
@@ -409,3 +409,97 @@ def test_a_worker_node_lost_mid_training_resumes_on_a_new_node_from_the_s3_check
     # from a checkpoint uploaded before the loss (the newest, or the one before it when the loss came between its
     # upload and its mark), not from step 0
     assert 1 <= result["resumed_at"] < 8, result
+
+
+SERVE_LOSES_A_NODE = r"""
+import json, os, sys, threading, time
+import httpx
+import openai
+import pyarrow.parquet as pq
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from flywheel.capture.store import LogStore
+from flywheel.config import ServeConfig
+from flywheel.raycluster import connect_ray
+from flywheel.serve.app import run, shutdown
+from flywheel.storage import Store
+home, model, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20})
+first = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)  # the student's node
+cluster.wait_for_nodes()
+os.environ.update(RAY_ADDRESS=cluster.address, FLYWHEEL_HOME_SHARED="1")  # one machine: every node sees the home
+connect_ray()
+url = run(ServeConfig(home=home, base_model=model, port=port, replica_cpus=0.5, replica_gpus=1,
+                      student_max_replicas=1, teacher_min_replicas=0, blocking=False, auth="off",
+                      base_model_name="student-base", max_new_tokens=8))
+def nodes_of(deployment: str) -> list[str]:
+    return sorted(a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                  if a.class_name.endswith(deployment))
+before, ingress = nodes_of("StudentModel"), nodes_of("Ingress")
+statuses, acked, failures, lock, bodies = [], [], [], threading.Lock(), []
+def note(response):
+    if response.status_code != 200:
+        response.read()
+        bodies.append(response.text[:200])
+    with lock:
+        statuses.append(response.status_code)
+def traffic(n):
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=10, timeout=120,
+                           http_client=httpx.Client(event_hooks={"response": [note]}, timeout=120))
+    for _ in range(n):
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="student-base", messages=[{"role": "user", "content": "Find me a flight to Seattle."}],
+                max_tokens=8)
+            with lock:
+                acked.append(raw.headers["x-flywheel-record-id"])
+        except openai.APIError as e:
+            with lock:
+                failures.append(repr(e))
+senders = [threading.Thread(target=traffic, args=(6,)) for _ in range(3)]
+for s in senders:
+    s.start()
+while len(acked) < 3:
+    time.sleep(0.05)
+at_loss = len(acked)
+cluster.remove_node(first)  # the student replica's node dies under the traffic
+cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)  # its replacement, as an autoscaler adds
+for s in senders:
+    s.join(timeout=600)
+after = nodes_of("StudentModel")
+shutdown()  # seals the open WAL segment
+store = Store(home)
+time.sleep(ServeConfig().wal_seal_age_s + 1.5)
+LogStore(store, lease_s=1.0).compact()  # an Ingress that died with its node left an open segment: recovered
+ids = []
+for name in LogStore(store).part_names():
+    with store.open(f"logs/parquet/{name}", "rb") as f:
+        ids += pq.read_table(f, columns=["record_id"]).column(0).to_pylist()
+print("RESULT", json.dumps({"at_loss": at_loss, "acked": len(acked), "unique": len(set(acked)),
+                            "failures": failures[:3], "statuses": sorted(set(statuses)),
+                            "retried": sum(s != 200 for s in statuses),
+                            "ingress_on_lost_node": first.node_id in ingress,
+                            "moved": before != after and before[0] == first.node_id and len(after) == 1,
+                            "captured_once": all(ids.count(i) == 1 for i in acked),
+                            "bodies": bodies}), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_node_lost_under_serving_load_loses_no_request_and_no_record(tmp_path, tiny_model):
+    """The student replica's node (it asks for the cluster's only, fake, GPU) is removed under traffic from three
+    official `openai` clients that retry, and a fresh GPU node joins: the replica comes back there, every request
+    ends 200, and every acknowledged record is stored exactly once (an Ingress replica on the lost node leaves an
+    open WAL segment on the shared home, recovered by the compactor's lease). What a request caught by the loss saw
+    is printed, not asserted: 503 `replica_lost` (the contract) when the student dies mid-answer, and a plain 500
+    from Serve's proxy when the Ingress replica dies with the node (see the README)."""
+    from serving import free_port
+
+    [line] = on_two_nodes(SERVE_LOSES_A_NODE, str(tmp_path / "home"), tiny_model, str(free_port()), timeout=600)
+    result = json.loads(line)
+    print(json.dumps(result, indent=1))
+    assert result["at_loss"] >= 3 and result["moved"], result  # the loss came under traffic; the replica moved
+    assert result["failures"] == [] and result["acked"] == result["unique"] == 18, result
+    assert result["captured_once"], result
