@@ -300,7 +300,7 @@ cluster.wait_for_nodes()
 os.environ.update(RAY_ADDRESS=cluster.address, FLYWHEEL_S3_ENDPOINT=endpoint)
 store = Store("s3://flywheel/home")
 connect_ray()
-ingest_file(store, logs, chunk_lines=150)  # ~11 log parts: one clean -> write task each, on both nodes
+ingest_file(store, logs, chunk_lines=100)  # 16 log parts: one clean -> write task each, on both nodes
 parts = LogStore(store).part_names()
 ids = {a: [] for a in agents}
 for name in parts:
@@ -315,12 +315,14 @@ run.start()
 def staged() -> list[str]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="flywheel", Prefix="home/datasets/_staging/")
     return [o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".parquet")]
-while not staged() and run.is_alive():
-    time.sleep(0.05)
 from ray.util.state import list_tasks
-running = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000, raise_on_missing_output=False)
-at_loss = {"staged_files": len(staged()), "curating": run.is_alive(),
-           "tasks_on_worker": sorted(t.name for t in running if t.node_id == worker.node_id),
+def on_worker() -> list[str]:
+    running = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000, raise_on_missing_output=False)
+    return sorted(t.name for t in running if t.node_id == worker.node_id and "clean_part" in t.name)
+tasks = []
+while run.is_alive() and not (staged() and (tasks := on_worker())):  # mid-way, and the worker busy cleaning
+    time.sleep(0.05)
+at_loss = {"staged_files": len(staged()), "curating": run.is_alive(), "tasks_on_worker": tasks,
            "published": [k["Key"] for k in s3.list_objects_v2(Bucket="flywheel", Prefix="home/datasets/").get(
                "Contents", []) if "_staging" not in k["Key"]]}
 cluster.remove_node(worker)  # the worker node dies with its running task and the objects it held
@@ -343,8 +345,8 @@ server.stop()
 
 
 def test_a_worker_node_lost_mid_curation_still_publishes_one_version_with_every_record(tmp_path):
-    """The worker node is removed once the first cleaned file is staged, while it runs a clean -> write task (the
-    state API says so; ~1 of 11 parts done): Ray reruns the lost work on the head, and each agent's version is
+    """The worker node is removed once a cleaned file is staged and Ray's state API shows the node running a clean
+    -> write task (a few of 16 parts done): Ray reruns the lost work on the head, and each agent's version is
     published once, its manifest counting every record logged for it, each row exactly once."""
     from serving import free_port
 
