@@ -267,7 +267,8 @@ class Ingress:
                            agents, _last_line(e))
 
     async def _route(self, agent: str) -> Route:
-        if self.cfg.base_model_name and agent == self.cfg.base_model_name:  # before the catalog: an agent of that name is not reachable
+        # before the catalog: an agent with the base model's name is not reachable
+        if self.cfg.base_model_name and agent == self.cfg.base_model_name:
             return Route(STUDENT, agent, "default", "the student's base model, no adapter (base_model_name)", STUDENT)
         entry = (await self._snapshot()).get(agent)
         if entry is None:
