@@ -502,6 +502,10 @@ class ServeConfig:
     base_model_name: str = ""
     dtype: str = "auto"  # a replica's student weights: auto (bfloat16 where native, else float32), float32, bfloat16
     # autoscaling (flywheel/serve/autoscale.py): every deployment scales between its min and max replicas
+    # Ingress replicas run on the head node: a cluster that loses its head loses Serve anyway, while an Ingress on
+    # a worker dies with that node and Serve's proxy answers its requests in flight with a plain-text 500.
+    # false: anywhere (a head too small for them, or an HA setup whose proxies spread over the workers)
+    ingress_on_head: bool = True
     ingress_min_replicas: int = 1
     ingress_max_replicas: int = 4
     ingress_target_ongoing_requests: float = 64.0  # requests in flight per Ingress replica Serve aims for

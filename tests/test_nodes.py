@@ -493,10 +493,9 @@ cluster.shutdown()
 def test_a_node_lost_under_serving_load_loses_no_request_and_no_record(tmp_path, tiny_model):
     """The student replica's node (it asks for the cluster's only, fake, GPU) is removed under traffic from three
     official `openai` clients that retry, and a fresh GPU node joins: the replica comes back there, every request
-    ends 200, and every acknowledged record is stored exactly once (an Ingress replica on the lost node leaves an
-    open WAL segment on the shared home, recovered by the compactor's lease). What a request caught by the loss saw
-    is printed, not asserted: 503 `replica_lost` (the contract) when the student dies mid-answer, and a plain 500
-    from Serve's proxy when the Ingress replica dies with the node (see the README)."""
+    ends 200, every acknowledged record is stored exactly once, and a request caught by the loss saw Flywheel's
+    contract (503 `replica_lost` with Retry-After), never a 500: the Ingress replicas stay on the head
+    (`ingress_on_head`), where a worker's loss cannot take them and their requests in flight."""
     from serving import free_port
 
     [line] = on_two_nodes(SERVE_LOSES_A_NODE, str(tmp_path / "home"), tiny_model, str(free_port()), timeout=600)
@@ -505,3 +504,4 @@ def test_a_node_lost_under_serving_load_loses_no_request_and_no_record(tmp_path,
     assert result["at_loss"] >= 3 and result["moved"], result  # the loss came under traffic; the replica moved
     assert result["failures"] == [] and result["acked"] == result["unique"] == 18, result
     assert result["captured_once"], result
+    assert not result["ingress_on_lost_node"] and set(result["statuses"]) <= {200, 503}, result

@@ -701,6 +701,9 @@ class Ingress:
 
 
 # -- entrypoints ----------------------------------------------------------------------------------------------
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # what Ray gives the head node alone (ray._common.constants)
+
+
 def student_resources(cfg: ServeConfig) -> dict:
     """A student replica's Ray actor options: `replica_cpus`, `replica_gpus` when set (the autoscaler then starts
     a GPU node for it, and Ray gives it its card through CUDA_VISIBLE_DEVICES), and `replica_python` when set (the
@@ -710,6 +713,15 @@ def student_resources(cfg: ServeConfig) -> dict:
         options["num_gpus"] = cfg.replica_gpus
     if cfg.replica_python:
         options["runtime_env"] = {"py_executable": cfg.replica_python}
+    return options
+
+
+def ingress_resources(cfg: ServeConfig) -> dict:
+    """An Ingress replica's Ray actor options: no CPU (it waits on its handles), and a sliver of the head node's
+    own resource when `ingress_on_head`, so Ray places it on the head."""
+    options: dict = {"num_cpus": 0}
+    if cfg.ingress_on_head:
+        options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
     return options
 
 
@@ -735,6 +747,7 @@ def build_app(cfg: ServeConfig) -> Application:
                            max_queued_requests=max(cfg.max_queued_requests, 4 * cfg.max_ongoing_requests)
                            if cfg.max_queued_requests > 0 else -1,
                            autoscaling_config=autoscaling_config(cfg, INGRESS),
+                           ray_actor_options=ingress_resources(cfg),
                            backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
                            ).bind(store.uri, cfg, student, teacher)
 
