@@ -186,6 +186,7 @@ class DistillConfig:
     checkpoint_every: int = 0  # steps; 0: once per epoch and at the end
     seed: int = 0
     threads_per_worker: int = 1
+    memory_per_worker_mb: int = 0  # Ray memory reserved per training worker (the scheduler keeps it free); 0: none
     use_gpu: bool = False
     strategy: str = "ddp"  # ddp | deepspeed (ZeRO, stage below; gloo on CPU, NCCL on GPU)
     zero_stage: int = 2
@@ -245,6 +246,8 @@ class DistillConfig:
                               f"{self.num_workers}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("epochs or max_steps must be > 0")
+        if self.memory_per_worker_mb < 0:
+            raise ConfigError(f"memory_per_worker_mb: must be >= 0, got {self.memory_per_worker_mb}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ class SweepConfig:
     # each trial's training (other DistillConfig fields keep their defaults)
     num_workers: int = 1
     threads_per_worker: int = 1
+    memory_per_worker_mb: int = 0  # Ray memory reserved per training worker of a trial; 0: none
     batch_size: int = 4
     max_steps: int = 0  # >0 caps every trial's optimizer steps (tests, smoke runs)
     max_length: int = 768
@@ -321,7 +325,8 @@ class SweepConfig:
                               f"{self.num_samples}, {self.grace_period}, {self.reduction_factor}")
         if self.num_workers < 1 or self.threads_per_worker < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("num_workers, threads_per_worker, batch_size, eval_batch_size: must be >= 1")
-        for key in ("max_steps", "eval_every", "eval_examples", "max_concurrent_trials", "trial_cpus"):
+        for key in ("max_steps", "eval_every", "eval_examples", "max_concurrent_trials", "trial_cpus",
+                    "memory_per_worker_mb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
 
@@ -438,7 +443,7 @@ def _check_serve_scaling(cfg: Any) -> None:
             raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)}")
     for key in ("student_target_ongoing_requests", "teacher_replica_cpus", "replica_gpus", "upscale_delay_s",
                 "teacher_upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s", "num_replicas",
-                "prewarm_hot_agents"):
+                "prewarm_hot_agents", "replica_memory_mb"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
     for key in ("teacher_max_ongoing_requests", "autoscale_top_agents"):
@@ -466,6 +471,7 @@ class ServeConfig:
     replica_cpus: float = 1.0
     # engine: auto picks vLLM only for a replica given a GPU; a fraction of a card gets that share of vLLM's memory
     replica_gpus: float = 0.0  # GPUs per student replica (0.5: two per card); 0: the HF engine on its CPUs
+    replica_memory_mb: int = 0  # Ray memory reserved per student replica (base model, adapters, KV cache); 0: none
     max_new_tokens: int = 256
     max_history: int = 10
     max_batch_size: int = 8

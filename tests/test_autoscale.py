@@ -198,12 +198,15 @@ def test_a_student_replica_asks_for_the_gpus_it_is_given_and_its_engine_follows_
 
     assert student_resources(ServeConfig(replica_cpus=2)) == {"num_cpus": 2}  # no GPU asked: none is taken
     assert student_resources(ServeConfig(replica_gpus=0.5)) == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert student_resources(ServeConfig(replica_memory_mb=512)) == {"num_cpus": 1.0, "memory": 512 * 2**20}
     assert engine_kind("auto", gpus=0) == "hf"  # a CPU replica, whatever its node has
     assert engine_kind("auto", gpus=1) == ("vllm" if available() else "hf")
     assert engine_kind("hf", gpus=1) == "hf"
     assert gpu_memory_share(1) == gpu_memory_share(2) == 0.85 and gpu_memory_share(0.5) == pytest.approx(0.425)
     with pytest.raises(ConfigError, match="replica_gpus"):
         ServeConfig(replica_gpus=-1)
+    with pytest.raises(ConfigError, match="replica_memory_mb"):
+        ServeConfig(replica_memory_mb=-1)
     vllm_env = "/opt/vllm/bin/python"  # a replica in vLLM's environment: Ray starts its worker with that Python
     assert student_resources(ServeConfig(replica_python=vllm_env)) == {
         "num_cpus": 1.0, "runtime_env": {"py_executable": vllm_env}}

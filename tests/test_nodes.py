@@ -82,9 +82,11 @@ cluster.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = cluster.address
 connect_ray()
 run(ServeConfig(home=sys.argv[1], base_model=sys.argv[2], port=int(sys.argv[3]), replica_cpus=0.5, replica_gpus=1,
-                student_max_replicas=1, teacher_min_replicas=0, blocking=False, auth="off"))
+                replica_memory_mb=2048, student_max_replicas=1, teacher_min_replicas=0, blocking=False, auth="off"))
 info = serve.get_deployment_handle("StudentModel", app_name="flywheel").info.remote().result()
-gpus = {"gpus_left": ray.available_resources().get("GPU", 0), "gpus": ray.cluster_resources().get("GPU")}
+left, total = ray.available_resources(), ray.cluster_resources()
+gpus = {"gpus_left": left.get("GPU", 0), "gpus": total.get("GPU"),
+        "memory_taken_mb": round((total["memory"] - left["memory"]) / 2**20)}  # nothing else asks for memory
 print("RESULT", json.dumps({**gpus, "student_answers": "slots" in info}), flush=True)
 shutdown()
 ray.shutdown()
@@ -92,12 +94,13 @@ cluster.shutdown()
 """
 
 
-def test_a_student_replica_given_a_gpu_is_placed_on_the_gpu_node(tmp_path, tiny_model):
+def test_a_student_replica_given_a_gpu_and_memory_is_placed_on_the_gpu_node_and_holds_both(tmp_path, tiny_model):
     from serving import free_port
 
     [line] = on_two_nodes(GPU_NODE, str(tmp_path / "home"), tiny_model, str(free_port()))
-    # the only GPU of the cluster is taken by the student replica, which runs (HF on the CPU: Ray's GPU is fake)
-    assert json.loads(line) == {"gpus_left": 0, "gpus": 1.0, "student_answers": True}
+    # the only GPU of the cluster is taken by the student replica, which runs (HF on the CPU: Ray's GPU is fake),
+    # and so is the memory it asked for
+    assert json.loads(line) == {"gpus_left": 0, "gpus": 1.0, "memory_taken_mb": 2048, "student_answers": True}
 
 
 MODEL_ON_S3 = r"""
@@ -242,8 +245,11 @@ base = "s3://flywheel/home/models/base"
 ingest_file(store, logs)
 curate(CurateConfig(agents=("sgd_Flights",), min_examples=4), store)
 cfg = DistillConfig(agent="sgd_Flights", base_model=base, num_workers=2, batch_size=2, max_length=1024,
-                    max_steps=2, checkpoint_every=1, run_name="two-nodes")
+                    max_steps=2, checkpoint_every=1, run_name="two-nodes", memory_per_worker_mb=256)
 out = distill(cfg, store)
+from ray.util.state import list_actors
+asked = [max(v for k, v in a.required_resources.items() if k.startswith("memory"))  # its placement group bundle
+         for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)]
 from safetensors.torch import load
 from flywheel.registry.registry import Registry
 with store.open(out["adapter"] + "/adapter_model.safetensors") as f:
@@ -252,7 +258,8 @@ entry = Registry(store).get("sgd_Flights", out["version"])
 print("RESULT", json.dumps({"steps": out["steps"], "version": out["version"], "adapter": out["adapter"],
                             "lineage": [entry["base_model"], entry["dataset_version"] is not None],
                             "trained": any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k),
-                            "checkpoints": store.list("checkpoints/two-nodes")}), flush=True)
+                            "checkpoints": store.list("checkpoints/two-nodes"),
+                            "asked": asked}), flush=True)
 ray.shutdown()
 cluster.shutdown()
 server.stop()
@@ -271,6 +278,7 @@ def test_distill_runs_a_worker_on_each_node_with_the_home_and_the_base_model_on_
     assert result["lineage"] == ["s3://flywheel/home/models/base", True]  # the URI, not a node's copy
     assert result["trained"]  # LoRA B starts at zero: the two workers' steps moved it
     assert result["checkpoints"]  # in the S3 home, where a worker on another node resumes from them
+    assert result["asked"] == [256 * 2**20] * 2, result["asked"]  # each worker's memory, as Ray reserved it
 
 
 CURATE_LOSES_A_NODE = r"""

@@ -57,6 +57,7 @@ def trial_config(job: dict, params: dict, run_name: str) -> DistillConfig:
     return DistillConfig(
         agent=c["agent"], home=job["home"], dataset_version=job["version"], base_model=job["base_model"],
         run_name=run_name, num_workers=c["num_workers"], threads_per_worker=c["threads_per_worker"],
+        memory_per_worker_mb=c["memory_per_worker_mb"],
         epochs=float(params["epochs"]), max_steps=c["max_steps"], batch_size=c["batch_size"],
         learning_rate=float(params["learning_rate"]), lora_r=int(params["lora_r"]),
         lora_alpha=int(params["lora_alpha"]), lora_dropout=float(params["lora_dropout"]),

@@ -470,6 +470,15 @@ def _validation_metrics(state: dict, n_val: int) -> dict:
             "validation_examples": n_val, "validation_history": v["history"]}
 
 
+def worker_resources(cfg: DistillConfig) -> dict:
+    """What each training worker asks Ray for besides its GPU: `threads_per_worker` CPUs and, when set,
+    `memory_per_worker_mb` of memory (the scheduler then places no more workers on a node than its memory holds)."""
+    resources: dict = {"CPU": cfg.threads_per_worker}
+    if cfg.memory_per_worker_mb:
+        resources["memory"] = cfg.memory_per_worker_mb * 2**20
+    return resources
+
+
 def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str]], run_name: str,
                   storage: str = "checkpoints", callbacks: tuple = ()) -> Any:
     """The `TorchTrainer` of one distillation run on the train splits of `sources` ((agent, dataset version) pairs):
@@ -501,7 +510,7 @@ def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str
                            "run_name": run_name, "init_adapter": init, "local_checkpoint": local,
                            "checkpoint_root": f"{storage}/{run_name}"},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.threads_per_worker}),
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(name=run_name, storage_path=f"{base}/{storage}", storage_filesystem=pafs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)),
