@@ -57,13 +57,12 @@ JOB_FILES = {
 }
 
 LOOP = r"""
-import glob, json, os, sys, time
+import glob, json, os, socket, subprocess, sys, time
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 import boto3
 import openai
 from moto.server import ThreadedMotoServer
 from ray.cluster_utils import Cluster
-from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 model, logs, work, s3_port, dash_port, serve_port = sys.argv[1:7]
 t0 = time.time()
@@ -76,50 +75,54 @@ for path in glob.glob(os.path.join(model, "*")):
     s3.upload_file(path, "flywheel", "home/models/base/" + os.path.basename(path))
 s3.upload_file(logs, "flywheel", "raw/logs.jsonl")
 BASE, HOME = "s3://flywheel/home/models/base", "s3://flywheel/home"
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+# the job agent's port too: another Ray on the machine (a test session's) already holds the default one
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": int(dash_port),
-    "object_store_memory": 80 * 2**20})
-train_node = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
-gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)  # a fake GPU: the student's
+    "dashboard_agent_listen_port": free_port(), "object_store_memory": 80 * 2**20})
+node_tmp = {name: os.path.join(os.path.dirname(work), f"node-{name}", "tmp") for name in ("train", "gpu")}
+for path in node_tmp.values():
+    os.makedirs(path)
+# each worker node its own temp folder (its workers' TMPDIR), where Flywheel keeps its node copies of models
+train_node = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20, env_vars={"TMPDIR": node_tmp["train"]},
+                              dashboard_agent_listen_port=free_port())
+gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20,  # a fake GPU: the student's
+                            env_vars={"TMPDIR": node_tmp["gpu"]}, dashboard_agent_listen_port=free_port())
 cluster.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = cluster.address  # for the state API below; the jobs are sent to the dashboard
-jobs = JobSubmissionClient(f"http://127.0.0.1:{dash_port}")
 runtime_env = {"working_dir": work, "worker_process_setup_hook": "guard.install",
                "env_vars": {"FLYWHEEL_HOME": HOME, "FLYWHEEL_S3_ENDPOINT": endpoint,
                             "GUARDED_ROOTS": os.environ["GUARDED_ROOTS"], "HF_HUB_OFFLINE": "1"}}
 times = {"cluster_s": round(time.time() - t0, 1)}
-def submit(name, args, timeout=900):
-    start = time.time()
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+def ray_job_submit(entrypoint, timeout=900):  # waits for the job and prints its log
+    cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--runtime-env-json",
+           json.dumps(runtime_env), "--", *entrypoint]
     for _ in range(60):  # the head's job agent answers a little after the dashboard
-        try:
-            job = jobs.submit_job(entrypoint=f"{sys.executable} jobs/{name}.py {args} --json",
-                                  runtime_env=runtime_env)
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e):
-                raise
-            time.sleep(2)
-    while jobs.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        if time.time() - start > timeout:
-            raise TimeoutError(f"{name}: {jobs.get_job_logs(job)[-3000:]}")
-        time.sleep(1)
-    status, log = jobs.get_job_status(job), jobs.get_job_logs(job)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in out.stdout + out.stderr:
+            return out
+        time.sleep(2)
+    return out
+def submit(name, args):
+    start = time.time()
+    out = ray_job_submit([sys.executable, f"jobs/{name}.py", *args.split(), "--json"])
     times[name] = round(time.time() - start, 1)
-    print(f"job {name}: {status} in {times[name]} s", file=sys.stderr, flush=True)
-    if status != JobStatus.SUCCEEDED:
-        print("RESULT", json.dumps({"failed": name, "status": str(status), "log": log[-6000:]}), flush=True)
+    print(f"job {name}: rc {out.returncode} in {times[name]} s", file=sys.stderr, flush=True)
+    if out.returncode != 0:
+        print("RESULT", json.dumps({"failed": name, "log": (out.stdout + out.stderr)[-6000:]}), flush=True)
         sys.exit(0)
-    return json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 def nodes_of(actor_class, state=None):
     return sorted({a.node_id for a in list_actors(limit=1000, raise_on_missing_output=False)
                    if a.class_name.endswith(actor_class) and state in (None, a.state)})
 def guard_refuses():  # the guard itself: a job's task that opens the driver's copy of the logs fails
-    job = jobs.submit_job(entrypoint=f"{sys.executable} -c 'import ray, sys; ray.init(); "
-                                     f"ray.get(ray.remote(lambda p: open(p).read(1)).remote(sys.argv[1]))' {logs}",
-                          runtime_env=runtime_env)
-    while jobs.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        time.sleep(1)
-    return jobs.get_job_status(job) == JobStatus.FAILED and "opened the driver's local path" in jobs.get_job_logs(job)
+    out = ray_job_submit([sys.executable, "-c", "import ray, sys; ray.init(); "
+                          "ray.get(ray.remote(lambda p: open(p).read(1)).remote(sys.argv[1]))", logs])
+    return out.returncode != 0 and "opened the driver's local path" in out.stdout + out.stderr
 agent = "sgd_Flights"
 ingested = submit("ingest", "s3://flywheel/raw/logs.jsonl")
 curated = submit("curate", f"--agents {agent} --min-examples 4")
@@ -162,6 +165,9 @@ print("RESULT", json.dumps({
     "ingress_on_head": ingress_nodes == [cluster.head_node.node_id],
     "backends": sorted(set(backends)), "answered": len(backends), "after": after.headers["x-flywheel-backend"],
     "wal_keys": len([k for k in listing if k.startswith("home/logs/")]),
+    "node_model_copies": {name: sorted(os.listdir(os.path.join(path, "flywheel-models")))
+                          if os.path.isdir(os.path.join(path, "flywheel-models")) else []
+                          for name, path in node_tmp.items()},
     "guard_refused": refused, "times": times}), flush=True)
 cluster.shutdown()
 server.stop()

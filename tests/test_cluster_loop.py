@@ -34,3 +34,6 @@ def test_the_whole_loop_runs_as_ray_jobs_on_three_nodes_with_an_s3_home(tmp_path
     assert result["controller"]["passes"] == [{"sgd_Flights": "promoted"}], result  # a retrain on the new traffic
     assert result["after"] == "student:sgd_Flights@v2", result  # ... gated, promoted and served
     assert result["guard_refused"], result  # the guard bites: a task opening the driver's local logs fails
+    # each worker node copied the base model from the home into its own temp folder
+    copies = {node: [c for c in names if not c.startswith(".")] for node, names in result["node_model_copies"].items()}
+    assert all(len(c) == 1 for c in copies.values()), result  # one copy each, named by the model's content
