@@ -64,7 +64,8 @@ def train(args, store, agent: str) -> dict:
     extra = {"base_model": args.base_model} if args.base_model else {}
     return distill(DistillConfig(agent=agent, home=store.uri, epochs=args.epochs, max_examples=args.train_examples,
                                  max_length=args.max_length, learning_rate=args.lr, num_workers=args.workers,
-                                 batch_size=args.batch_size, max_steps=args.max_steps, **extra), store)
+                                 batch_size=args.batch_size, max_steps=args.max_steps, use_gpu=args.use_gpu,
+                                 bf16=args.bf16, **extra), store)
 
 
 def decoder(args, store, agent: str, version: str):
@@ -166,6 +167,9 @@ def training_args(ap: argparse.ArgumentParser, epochs: float) -> None:
     ap.add_argument("--max-steps", type=int, default=0, help=">0: cap each training run (smoke runs)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2, help="per worker")
+    ap.add_argument("--use-gpu", action="store_true", help="a GPU per training worker (decoding takes CUDA anyway)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="bf16 autocast in training where the hardware computes it natively (--no-bf16: fp32)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--validation-fraction", type=float, default=0.2)
     ap.add_argument("--test-fraction", type=float, default=0.2)
