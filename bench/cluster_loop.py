@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SGD_LOGS = os.path.join(REPO, "flywheel", "data", "sgd", "sgd_dev_flywheel_logs.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from traffic import free_port  # noqa: E402  (bench/traffic.py)
 
 GUARD = r'''
 """Installed in every worker process of the test's jobs: opening a path under the driver's folders fails."""
@@ -57,14 +58,14 @@ JOB_FILES = {
 }
 
 LOOP = r"""
-import glob, json, os, socket, subprocess, sys, time
+import glob, json, os, subprocess, sys, time
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 import boto3
 import openai
 from moto.server import ThreadedMotoServer
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
-model, logs, work, s3_port, dash_port, serve_port = sys.argv[1:7]
+model, logs, work, s3_port, dash_port, serve_port, *agent_ports = sys.argv[1:]
 t0 = time.time()
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(s3_port), verbose=False)
 server.start()
@@ -75,22 +76,18 @@ for path in glob.glob(os.path.join(model, "*")):
     s3.upload_file(path, "flywheel", "home/models/base/" + os.path.basename(path))
 s3.upload_file(logs, "flywheel", "raw/logs.jsonl")
 BASE, HOME = "s3://flywheel/home/models/base", "s3://flywheel/home"
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-# the job agent's port too: another Ray on the machine (a test session's) already holds the default one
+# the job agents' ports too: another Ray on the machine (a test session's) already holds the default one
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": int(dash_port),
-    "dashboard_agent_listen_port": free_port(), "object_store_memory": 80 * 2**20})
+    "dashboard_agent_listen_port": int(agent_ports[0]), "object_store_memory": 80 * 2**20})
 node_tmp = {name: os.path.join(os.path.dirname(work), f"node-{name}", "tmp") for name in ("train", "gpu")}
 for path in node_tmp.values():
     os.makedirs(path)
 # each worker node its own temp folder (its workers' TMPDIR), where Flywheel keeps its node copies of models
 train_node = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20, env_vars={"TMPDIR": node_tmp["train"]},
-                              dashboard_agent_listen_port=free_port())
+                              dashboard_agent_listen_port=int(agent_ports[1]))
 gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20,  # a fake GPU: the student's
-                            env_vars={"TMPDIR": node_tmp["gpu"]}, dashboard_agent_listen_port=free_port())
+                            env_vars={"TMPDIR": node_tmp["gpu"]}, dashboard_agent_listen_port=int(agent_ports[2]))
 cluster.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = cluster.address  # for the state API below; the jobs are sent to the dashboard
 runtime_env = {"working_dir": work, "worker_process_setup_hook": "guard.install",
@@ -175,12 +172,6 @@ server.stop()
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare(root: str) -> tuple[str, str, str]:
     """The jobs' working_dir (the entrypoints and the small job files) and a copy of the logs under `root`."""
     work = os.path.join(root, "work")
@@ -203,8 +194,9 @@ def run_loop(root: str, model: str, timeout: int = 1500) -> dict:
     env = {**os.environ, "PYTHONPATH": REPO, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1",
            "GUARDED_ROOTS": os.pathsep.join([work, logs_dir, model])}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", LOOP, model, logs, work, str(free_port()), str(free_port()),
-                          str(free_port())], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    ports = [str(free_port()) for _ in range(6)]  # S3, dashboard, Serve, the three nodes' job agents
+    out = subprocess.run([sys.executable, "-c", LOOP, model, logs, work, *ports], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=timeout)
     lines = [line[len("RESULT "):] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(out.stdout[-3000:] + out.stderr[-4000:])

@@ -707,8 +707,8 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # what Ray gives the head node al
 def student_resources(cfg: ServeConfig) -> dict:
     """A student replica's Ray actor options: `replica_cpus`, `replica_gpus` when set (the autoscaler then starts
     a GPU node for it, and Ray gives it its card through CUDA_VISIBLE_DEVICES), `replica_memory_mb` as Ray memory,
-    and `replica_python` when set (the
-    replica's worker runs that interpreter, e.g. vLLM's environment; it needs the same ray and flywheel)."""
+    and `replica_python` when set (the replica's worker runs that interpreter, e.g. vLLM's environment; it needs
+    the same ray and flywheel)."""
     options: dict = {"num_cpus": cfg.replica_cpus}
     if cfg.replica_gpus:
         options["num_gpus"] = cfg.replica_gpus
