@@ -68,6 +68,20 @@ def train(args, store, agent: str) -> dict:
                                  bf16=args.bf16, **extra), store)
 
 
+def reused(store, agent: str) -> dict | None:
+    """The agent's latest adapter in this home (a stopped run's), as `train` reports one; None if it has none."""
+    from flywheel.registry.registry import Registry
+
+    versions = Registry(store).versions(agent) if agent in Registry(store).agents() else []
+    if not versions:
+        return None
+    entry = versions[-1]
+    print(f"{agent}: reusing adapter {entry['version']} from {store.uri} (not retrained)")
+    metrics = entry.get("train_metrics") or {}
+    return {"version": entry["version"], "train_examples": metrics.get("train_examples"),
+            "train_s": entry.get("train_time_s")}
+
+
 def decoder(args, store, agent: str, version: str):
     """(engine, decode(examples) -> generate_answers' run) for the agent's adapter, as Serve decodes it."""
     from flywheel.config import EvaluateConfig
@@ -110,8 +124,9 @@ def bench_agent(args, store, agent: str) -> dict:
     from flywheel.evaluate.run import cost_summary, system_row
 
     started = time.perf_counter()
-    trained = train(args, store, agent)
-    train_s = time.perf_counter() - started
+    trained = reused(store, agent) if args.reuse_adapter else None
+    trained = trained or train(args, store, agent)
+    train_s = trained.get("train_s") or time.perf_counter() - started
     version = resolve_version(store, agent)
     validation = open_split(store, agent, version, VALIDATION).rows()[: args.max_calibration or None]
     test_split = open_split(store, agent, version, TEST)
@@ -191,6 +206,8 @@ def main() -> None:
     ap.add_argument("--base-model", default="")
     ap.add_argument("--out", default="", help="where the JSON goes (default bench/figures/selective-<time>.json)")
     ap.add_argument("--report", default="", help="reprint a saved run")
+    ap.add_argument("--reuse-adapter", action="store_true",
+                    help="decode with each agent's latest adapter in --home instead of training (a stopped run)")
     args = ap.parse_args()
     if args.report:
         for r in json.load(open(args.report))["agents"]:
