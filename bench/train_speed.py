@@ -12,7 +12,9 @@
 - **Levers**: the same batches, from the same initial adapter, through one plain PyTorch loop twice: rows computed
   whole (`share_prefix` off, the loop before the lever) and rows that share their tools block computed once
   (`share_prefix` on). The lever changes no arithmetic, so the two loss curves must agree; the bench prints the
-  largest difference.
+  largest difference. Then the shared-prefix loop once more with the attention training uses on CPU
+  (`flywheel.hardware.training_attention`: plain matmul attention instead of PyTorch's fused SDPA kernel, whose
+  backward is slow on CPU): the same math in another order, so the losses agree to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -78,17 +80,24 @@ def levers(student: str, examples: list[dict], steps: int, batch: int, threads: 
     tokenizer = AutoTokenizer.from_pretrained(student)
     encoded = [e for e in (encode(tokenizer, x, max_length, max_history) for x in examples) if e]
     batches = length_buckets(encoded, batch, 0)[:steps]
-    runs = {mode: _loop(student, batches, tokenizer.pad_token_id, lr, mode == "shared prefix")
-            for mode in ("rows whole", "shared prefix")}
-    before, after = runs["rows whole"], runs["shared prefix"]
+    runs = {mode: _loop(student, batches, tokenizer.pad_token_id, lr, share, attention)
+            for mode, share, attention in (("rows whole", False, "sdpa"), ("shared prefix", True, "sdpa"),
+                                           ("eager attention", True, "eager"))}
+    before, after, eager = runs["rows whole"], runs["shared prefix"], runs["eager attention"]
     return {"examples": len(encoded), "fit_max_length": f"{len(encoded)} of {len(examples)}", "batch": batch,
             "threads": threads, "steps": len(batches), "runs": runs,
             "mean_shared_prefix": sum(shared_prefix_len(b) for b in batches) / len(batches),
             "speedup_records_per_s": after["records_per_s"] / before["records_per_s"],
-            "max_loss_difference": max(abs(a - b) for a, b in zip(before["losses"], after["losses"]))}
+            "max_loss_difference": _largest_difference(before, after),
+            "attention_speedup_records_per_s": eager["records_per_s"] / after["records_per_s"],
+            "attention_max_loss_difference": _largest_difference(after, eager)}
 
 
-def _loop(student: str, batches: list[list[dict]], pad_id: int, lr: float, share: bool) -> dict:
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+
+
+def _loop(student: str, batches: list[list[dict]], pad_id: int, lr: float, share: bool, attention: str) -> dict:
     """`batches` through one process's training loop (first step untimed: allocations); throughput and losses."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -101,7 +110,8 @@ def _loop(student: str, batches: list[list[dict]], pad_id: int, lr: float, share
 
     defaults = DistillConfig(agent="bench")
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32,
+                                                                attn_implementation=attention),
                            LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=0.0,
                                       target_modules=list(defaults.target_modules), task_type="CAUSAL_LM"))
     params, config = linear_params(model), model.config

@@ -334,13 +334,14 @@ def test_value_swaps_add_training_examples_only(curated_here, store, tiny_model)
     assert Registry(store).get("sgd_Flights", swapped["version"])["hyperparameters"]["value_swaps"] == 1
 
 
-def _lora(tiny_model: str):
+def _lora(tiny_model: str, attention: str = "sdpa"):
     """The tiny model with a LoRA whose B is not zero (so the adapter changes the logits and has gradients)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                                                attn_implementation=attention),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                       task_type="CAUSAL_LM"))
     for name, p in model.named_parameters():
@@ -387,6 +388,35 @@ def test_rows_sharing_their_tools_block_give_the_plain_loss_and_gradients_from_f
         one_by_one = mean_answer_loss(model, encoded[::-1], tok.pad_token_id, 1)
         grouped = mean_answer_loss(model, encoded, tok.pad_token_id, 4)
     assert grouped[1] == one_by_one[1] and grouped[0] == pytest.approx(one_by_one[0], rel=1e-5)
+
+
+def test_the_attention_training_uses_on_cpu_gives_sdpas_loss_and_gradients(curated_here, store, tiny_model):
+    """Training loads the model with `hardware.training_attention("cpu")` (plain matmul attention, faster backward
+    on CPU than the fused SDPA kernel): the same loss and gradients as SDPA, with a shared prefix and without."""
+    from transformers import AutoTokenizer
+
+    from flywheel.datasets import TRAIN, read_split
+    from flywheel.distill.answers import Answers
+    from flywheel.distill.data import collate, encode, length_buckets, shared_prefix_len
+    from flywheel.hardware import training_attention
+
+    assert training_attention("cpu") == "eager" and training_attention("cuda") == "sdpa"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = read_split(store, "sgd_Flights", curated_here["sgd_Flights"]["version"], TRAIN).to_pylist()
+    batch = max(length_buckets([encode(tok, ex, 8192, 10) for ex in examples], 3, seed=1), key=shared_prefix_len)
+    for share in (False, True):
+        inputs = collate(batch, tok.pad_token_id, share_prefix=share)
+        results = []
+        for attention in ("sdpa", training_attention("cpu")):
+            model = _lora(tiny_model, attention)
+            loss, _ = answer_loss(Answers(model), inputs)
+            loss.backward()
+            results.append((float(loss), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+        (fused, g_fused), (plain, g_plain) = results
+        assert plain == pytest.approx(fused, rel=1e-5)
+        assert g_plain.keys() == g_fused.keys() and g_plain
+        for k in g_plain:
+            assert torch.allclose(g_plain[k], g_fused[k], rtol=1e-4, atol=1e-6), (share, k)
 
 
 def test_a_shared_prefix_stops_before_any_rows_answer():

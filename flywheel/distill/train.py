@@ -42,7 +42,7 @@ from typing import Any
 from flywheel.config import ConfigError, DistillConfig
 from flywheel.datasets import TRAIN, VALIDATION, open_split, resolve_version
 from flywheel.distill.answers import Answers
-from flywheel.hardware import native_bf16
+from flywheel.hardware import native_bf16, training_attention
 from flywheel.models import local_model
 from flywheel.storage import Store
 
@@ -239,7 +239,9 @@ def _lora_model(cfg: DistillConfig, store: Store, init: dict | None) -> Any:
     from peft.utils import load_peft_weights
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    device = "cuda" if cfg.use_gpu else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32,
+                                                 attn_implementation=training_attention(device))
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
     if init is not None:
