@@ -195,6 +195,9 @@ class DistillConfig:
     kd_weight: float = 0.5  # loss = (1 - w) * CE(teacher's answer) + w * T^2 * KL(teacher || student)
     kd_temperature: float = 2.0
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    # give up when the workers cannot all be placed for this long (PlacementError, naming what is free and what
+    # holds the rest); 0: wait as long as it takes, as on a cluster whose autoscaler adds nodes
+    placement_timeout_s: float = 900.0
     inject_failure_at_step: int = 0  # fault drill: the last worker exits once when it reaches this step
     tracking_uri: str = ""  # MLflow; empty: $MLFLOW_TRACKING_URI, else file://<home>/mlruns; "off": no tracking
     # what to train on, and from where
@@ -248,6 +251,9 @@ class DistillConfig:
             raise ConfigError("epochs or max_steps must be > 0")
         if self.memory_per_worker_mb < 0:
             raise ConfigError(f"memory_per_worker_mb: must be >= 0, got {self.memory_per_worker_mb}")
+        if not 0 <= self.placement_timeout_s <= 7 * 86400:
+            raise ConfigError(f"placement_timeout_s: must be between 0 (wait as long as it takes) and a week, got "
+                              f"{self.placement_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,37 @@ def test_deepspeed_zero_trains_on_cpu_with_accumulation_and_resumes(curated, sto
     assert more["resumed_at"] == 2 and more["steps"] == 3
 
 
+def test_workers_that_cannot_be_placed_fail_in_time_naming_what_holds_the_cluster(curated, store, tiny_model):
+    """A fixed cluster whose free CPUs cannot hold the run (here an actor holds all but half a CPU, as a serving
+    replica held a node's CPU on the test bed) fails within placement_timeout_s with what is free and who holds the
+    rest, instead of waiting for good; once the holder is gone the same run trains."""
+    import ray
+
+    from flywheel.distill.placement import PlacementError
+
+    @ray.remote
+    class Holder:
+        def ready(self):
+            return True
+
+    free = ray.available_resources().get("CPU", 0)
+    holder = Holder.options(num_cpus=max(free - 0.5, 0.01)).remote()
+    ray.get(holder.ready.remote())
+    try:
+        with pytest.raises(PlacementError) as e:
+            distill(small(tiny_model, max_steps=1, num_workers=1, placement_timeout_s=3, run_name="unplaceable"),
+                    store)
+        message = str(e.value)
+        assert "could not all be placed in 3 s" in message and "each asks 1 CPU" in message
+        assert "free of" in message and "Holder" in message, message
+    finally:
+        ray.kill(holder)
+    out = distill(small(tiny_model, max_steps=1, num_workers=1, placement_timeout_s=60, run_name="placed"), store)
+    assert out["steps"] == 1
+    with pytest.raises(ConfigError, match="placement_timeout_s"):
+        small(tiny_model, placement_timeout_s=-1)
+
+
 def test_strategy_and_kd_settings_are_validated():
     with pytest.raises(ConfigError, match="strategy"):
         DistillConfig(agent="a", strategy="fsdp9")

@@ -42,6 +42,7 @@ from typing import Any
 from flywheel.config import ConfigError, DistillConfig
 from flywheel.datasets import TRAIN, VALIDATION, open_split, resolve_version
 from flywheel.distill.answers import Answers
+from flywheel.distill.placement import explained, failure_config, worker_resources
 from flywheel.hardware import native_bf16, training_attention
 from flywheel.models import local_model
 from flywheel.storage import Store
@@ -472,15 +473,6 @@ def _validation_metrics(state: dict, n_val: int) -> dict:
             "validation_examples": n_val, "validation_history": v["history"]}
 
 
-def worker_resources(cfg: DistillConfig) -> dict:
-    """What each training worker asks Ray for besides its GPU: `threads_per_worker` CPUs and, when set,
-    `memory_per_worker_mb` of memory (the scheduler then places no more workers on a node than its memory holds)."""
-    resources: dict = {"CPU": cfg.threads_per_worker}
-    if cfg.memory_per_worker_mb:
-        resources["memory"] = cfg.memory_per_worker_mb * 2**20
-    return resources
-
-
 def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str]], run_name: str,
                   storage: str = "checkpoints", callbacks: tuple = ()) -> Any:
     """The `TorchTrainer` of one distillation run on the train splits of `sources` ((agent, dataset version) pairs):
@@ -489,7 +481,7 @@ def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str
     init adapter here, before any worker starts. `num_workers` 0: Ray Train's local mode, the loop runs in this
     process without Ray (no restarts; the checkpoint is uploaded to `<storage>/<run_name>/local-checkpoint/`).
     `flywheel.distill.sweep` builds one per Tune trial, with its own storage and report callbacks."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if cfg.teacher_model and cfg.kd_weight > 0:
@@ -514,7 +506,7 @@ def build_trainer(cfg: DistillConfig, store: Store, sources: list[tuple[str, str
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(name=run_name, storage_path=f"{base}/{storage}", storage_filesystem=pafs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             failure_config=failure_config(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)),
     )
 
@@ -609,7 +601,10 @@ def distill(cfg: DistillConfig, store: Store | None = None) -> dict:
         ray.init(configure_logging=False)
     trainer = build_trainer(cfg, store, sources, run_name)
     started = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise explained(cfg, e) from e
     train_s = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError(f"{cfg.agent}: training finished without a checkpoint ({result.error})")
