@@ -5,7 +5,6 @@ ingest -> curate -> distill -> the real gate (a certified confidence threshold) 
 agent is `tests/router.py`'s support router, which the tiny model can learn. Plus the real student for a few steps.
 """
 
-import json
 import os
 import socket
 import time

@@ -8,7 +8,7 @@ and the review and status pages the Serve app shows. Pure: no Ray, no FastAPI.
     records.py    find_record(s), new_records: the log store reads the others share
     web.py        form and JSON bodies, the CSRF token, the same-origin check (for the Serve routes)
 
-Served by `flywheel.serve.app`: POST /v1/feedback, GET /review, POST /review/<item>/approve|correct, GET /status,
+Served by `flywheel.serve.ingress`: POST /v1/feedback, GET /review, POST /review/<item>/approve|correct, GET /status,
 GET /status.json.
 """
 

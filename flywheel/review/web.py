@@ -1,7 +1,7 @@
 """Small, pure pieces of the review pages' HTTP handling, kept out of the Serve app: form bodies, JSON bodies,
 the CSRF token, the same-origin check, the redirect target and the reviewer's name.
 
-The Serve routes (`flywheel.serve.app`) call these; every refusal is a `ReviewError` naming the field.
+The Serve routes (`flywheel.serve.ingress`) call these; every refusal is a `ReviewError` naming the field.
 """
 
 from __future__ import annotations

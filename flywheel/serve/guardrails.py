@@ -1,5 +1,5 @@
 """Serve's input and output guardrails, beside the confidence rule of `flywheel.serve.selective`. Pure functions;
-`flywheel.serve.app` calls them on the request's way in and on the student's held answer.
+`flywheel.serve.ingress` calls them on the request's way in and on the student's held answer.
 
 Input, every route:
     prompt injection   the turns new in this request (everything after the last assistant message: the user's

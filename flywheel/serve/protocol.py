@@ -1,6 +1,6 @@
 """The OpenAI wire format at Serve's boundary: request models, sampling, answers, stream chunks and error bodies.
 
-Pure functions and pydantic models, no Ray: `flywheel.serve.app` uses them and `tests/test_protocol.py` checks them
+Pure functions and pydantic models, no Ray: `flywheel.serve.ingress` uses them and `tests/test_protocol.py` checks them
 without a cluster (`pytest tests/test_protocol.py`).
 
 - `parse_request(body)` validates a chat-completions body the way the OpenAI API does and returns it with its

@@ -1,5 +1,5 @@
 """Selective serving: whether the student's held answer is served or the request is deferred to the teacher, and
-what the captured record says about it. Pure functions; `flywheel.serve.app` holds the answer and asks.
+what the captured record says about it. Pure functions; `flywheel.serve.ingress` holds the answer and asks.
 
 An agent in `selective` mode (`flywheel.routing`) has a threshold certified on its validation split
 (`flywheel.evaluate.selective.certify`): the student's answer is served when all of these hold, else the teacher
@@ -22,7 +22,6 @@ marked low-confidence; a guardrail deferral (truncated, invalid call, unsafe out
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from flywheel.checks import INVALID_CALL, TRUNCATED, unservable
 
