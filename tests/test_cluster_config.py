@@ -355,7 +355,7 @@ def serve_settings_problems(where: str, settings: dict) -> list[str]:
             problems.append(f"{where}.{key}: missing (the code's default is {getattr(defaults, key)!r})")
         elif settings[key] != getattr(defaults, key):
             problems.append(f"{where}.{key}: {settings[key]!r} differs from the code's default "
-                            f"{getattr(defaults, key)!r} (flywheel/config.py ServeConfig)")
+                            f"{getattr(defaults, key)!r} (flywheel/config/serving.py ServeConfig)")
     return problems
 
 
