@@ -12,7 +12,7 @@ batch of a shared, length-bucketed order, so every worker runs the same number o
 optimizer + position) go to `checkpoints/<run_name>/step-<step>/` on the store every `checkpoint_every` steps and
 at each epoch end; a restarted worker group resumes from the last one (up to `max_failures` times;
 `inject_failure_at_step` kills a worker once to prove it), even one Ray Train's controller had not yet collected
-(`_mark_persisted`), and so does a rerun with the same run name. The final adapter is registered in
+(`checkpoints.mark_persisted`), and so does a rerun with the same run name. The final adapter is registered in
 the registry as a new (not yet promoted) version with its lineage.
 
 Levers:
@@ -41,158 +41,12 @@ from typing import Any
 
 from flywheel.config import ConfigError, DistillConfig
 from flywheel.datasets import TRAIN, VALIDATION, open_split, resolve_version
-from flywheel.distill.answers import Answers
+from flywheel.distill.backends import DDP, DeepSpeed
+from flywheel.distill.checkpoints import BEST, restore, save_checkpoint
 from flywheel.distill.placement import explained, failure_config, worker_resources
 from flywheel.hardware import native_bf16, training_attention
 from flywheel.models import local_model
 from flywheel.storage import Store
-
-BEST = "best_adapter"  # in a checkpoint: the adapter with the lowest validation loss so far
-PERSISTED = "persisted.json"  # in a run's checkpoint folder: the newest checkpoint every worker finished uploading
-
-
-class _DDP:
-    """Plain PyTorch: DDP through `prepare_model`, bf16 autocast on CPU, gradient accumulation with `no_sync`."""
-
-    def __init__(self, model: Any, cfg: DistillConfig, total: int):
-        import ray.train.torch
-        import torch
-
-        self.cfg = cfg
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                           lr=cfg.learning_rate, weight_decay=0.0)
-        self.schedule = _schedule(self.optimizer, total)
-        self.peft = self.eval_model = model  # validation runs on the unwrapped model: no DDP buffer broadcasts
-        self.model = ray.train.torch.prepare_model(Answers(model))
-        self.device = ray.train.torch.get_device()
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                       enabled=cfg.bf16 and native_bf16(self.device.type))
-
-    def micro_batch(self, boundary: bool) -> Any:
-        """Context for one micro-batch's forward and backward: DDP syncs gradients only on the last one."""
-        import contextlib
-
-        if boundary or not hasattr(self.model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
-    def backward(self, loss: Any) -> None:
-        (loss / self.cfg.grad_accum).backward()
-
-    def step(self) -> None:
-        import torch
-
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def adapter_weights(self) -> dict:
-        """A CPU copy of the adapter's LoRA weights (PEFT's saved form)."""
-        return _lora_copy(self.peft)
-
-    def save(self, state: dict, directory: str, rank: int) -> None:
-        import torch
-
-        if rank == 0:
-            self.peft.save_pretrained(os.path.join(directory, "adapter"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), **state},
-                       os.path.join(directory, "state.pt"))
-
-    def restore(self, directory: str) -> dict:
-        import torch
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(self.peft, load_file(os.path.join(directory, "adapter", "adapter_model.safetensors")))
-        state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.schedule.load_state_dict(state.pop("schedule"))
-        return state
-
-
-class _DeepSpeed:
-    """DeepSpeed ZeRO (stage from config) on the process group Ray Train set up: gloo on CPU, NCCL on GPU.
-
-    DeepSpeed owns gradient accumulation, clipping, bf16 and the schedule; each rank saves its own shard of
-    the optimizer state into the checkpoint directory and Ray Train merges the ranks' files into one checkpoint.
-    """
-
-    def __init__(self, model: Any, cfg: DistillConfig, total: int):
-        import deepspeed
-        import ray.train.torch
-        import torch
-
-        self.cfg = cfg
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-        self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
-            model=Answers(model), model_parameters=params, optimizer=optimizer, lr_scheduler=_schedule(optimizer, total),
-            config={"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-                    "gradient_clipping": 1.0, "bf16": {"enabled": cfg.bf16 and native_bf16(ray.train.torch.get_device().type)},
-                    "zero_optimization": {"stage": cfg.zero_stage}, "steps_per_print": 10 ** 9,
-                    "wall_clock_breakdown": False})
-        self.model = self.eval_model = self.engine  # ZeRO-3 gathers parameters in the engine's forward
-        self.peft = model
-        self.device = ray.train.torch.get_device()
-        self.autocast = torch.autocast(self.device.type, enabled=False)  # the bf16 section casts the model itself
-
-    def micro_batch(self, boundary: bool) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()  # the engine knows its accumulation boundaries
-
-    def backward(self, loss: Any) -> None:
-        self.engine.backward(loss)  # scales by 1/grad_accum itself
-        self.engine.step()  # updates weights (and the schedule) only at accumulation boundaries
-
-    def step(self) -> None:
-        pass
-
-    def adapter_weights(self) -> dict:
-        """A CPU copy of the adapter's LoRA weights; under ZeRO-3 a collective (every rank calls it)."""
-        import deepspeed
-
-        trainable = [p for p in self.peft.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(trainable, enabled=self.cfg.zero_stage == 3):
-            return _lora_copy(self.peft)
-
-    def save(self, state: dict, directory: str, rank: int) -> None:
-        import deepspeed
-
-        trainable = [p for p in self.peft.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(trainable, enabled=self.cfg.zero_stage == 3):  # collective
-            if rank == 0:
-                self.peft.save_pretrained(os.path.join(directory, "adapter"))
-        self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", client_state=dict(state))
-
-    def restore(self, directory: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
-        return {k: client_state[k] for k in ("step", "tokens", "validation") if k in client_state}
-
-
-def _lora_copy(peft: Any) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft).items()}
-
-
-def _save_weights(peft: Any, weights: dict, directory: str) -> None:
-    """An adapter folder (adapter_config.json + adapter_model.safetensors) holding `weights`."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    peft.peft_config["default"].save_pretrained(directory)
-    save_file(weights, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def _schedule(optimizer: Any, total: int) -> Any:
-    """Linear warm-up over the first 10% of steps, then linear decay to 10% of the peak rate."""
-    import torch
-
-    warmup = max(1, total // 10)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - max(0, s - warmup) / max(1, total - warmup)))
 
 
 def _load_teacher(cfg: DistillConfig) -> Any:
@@ -303,70 +157,6 @@ def _validate(backend: Any, val: list[dict], pad_id: int, cfg: DistillConfig, st
     return best
 
 
-def _checkpoint(backend: Any, state: dict, best: dict | None, rank: int, metrics: dict, store: Store,
-                local: str | None, root: str) -> None:
-    """Report `metrics` with a checkpoint: the adapter, optimizer and position, and the best adapter so far, in
-    `root/step-<step>` (the run's checkpoint folder under the home), then mark it persisted (`_mark_persisted`).
-    `local`: in Ray Train's local mode nothing copies the checkpoint to storage, so it is uploaded there (that
-    folder under the home, replaced each time) and the report points at it."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        backend.save(dict(state), tmp, rank)
-        if best is not None and rank == 0:
-            _save_weights(backend.peft, best, os.path.join(tmp, BEST))
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if os.listdir(tmp) else None
-        if checkpoint is not None and local:
-            store.upload(tmp, local)
-            checkpoint = ray.train.Checkpoint(store.pyarrow_fs()[1] + "/" + local, filesystem=store.pyarrow_fs()[0])
-            ray.train.report(metrics, checkpoint=checkpoint)
-            return
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_step_dir(state["step"]))
-    _mark_persisted(store, root, state["step"], rank)
-
-
-def _step_dir(step: int) -> str:
-    return f"step-{step:08d}"  # sorts by step, so the newer of two checkpoints is the larger name
-
-
-def _mark_persisted(store: Store, root: str, step: int, rank: int) -> None:
-    """Write `root/PERSISTED` naming the checkpoint of `step` once every worker's report has returned (a report
-    uploads its files before it returns). Ray Train's controller commits a reported checkpoint only when it next
-    collects the reports, every couple of seconds, so a worker group lost in between (a node gone) restarted
-    without it, from the previous one or from step 0; `_restore` reads the mark too."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    if rank == 0:
-        store.write_json(f"{root}/{PERSISTED}", {"checkpoint": _step_dir(step), "step": step})
-
-
-def _latest_checkpoint(store: Store, root: str) -> Any:
-    """The newer of Ray Train's committed checkpoint and the one `root/PERSISTED` names; None when neither."""
-    import ray.train
-
-    checkpoint, mark = ray.train.get_checkpoint(), store.read_json(f"{root}/{PERSISTED}", default=None)
-    if mark and (checkpoint is None or os.path.basename(checkpoint.path.rstrip("/")) < mark["checkpoint"]):
-        pafs, base = store.pyarrow_fs()
-        checkpoint = ray.train.Checkpoint(f"{base}/{root}/{mark['checkpoint']}", filesystem=pafs)
-    return checkpoint
-
-
-def _restore(backend: Any, state: dict, store: Store, root: str) -> dict | None:
-    """Resume from the run's latest checkpoint, if any (`_latest_checkpoint`): `state` updated in place; the best
-    adapter's weights."""
-    from safetensors.torch import load_file
-
-    checkpoint = _latest_checkpoint(store, root)
-    if not checkpoint:
-        return None
-    with checkpoint.as_directory() as d:
-        state.update(backend.restore(d))
-        best = os.path.join(d, BEST, "adapter_model.safetensors")
-        return load_file(best) if os.path.exists(best) else None
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -391,12 +181,12 @@ def train_loop_per_worker(config: dict) -> None:
     per_epoch = max(1, len(length_buckets(encoded, cfg.batch_size, 0)) // world // cfg.grad_accum) * cfg.grad_accum
     steps_per_epoch = per_epoch // cfg.grad_accum
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
-    backend = (_DeepSpeed if cfg.strategy == "deepspeed" else _DDP)(model, cfg, total)
+    backend = (DeepSpeed if cfg.strategy == "deepspeed" else DDP)(model, cfg, total)
     if teacher is not None:
         teacher.to(backend.device)
     state = {"step": 0, "tokens": 0, "computed_tokens": 0,
              "validation": {"best": None, "best_step": 0, "stale": 0, "stopped_at": 0, "history": []}}
-    best = _restore(backend, state, store, config["checkpoint_root"])
+    best = restore(backend, state, store, config["checkpoint_root"])
     resumed_at = checkpointed = state["step"]
     backend.model.train()
     started, losses = time.time(), []
@@ -420,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {**_run_metrics(state, losses, steps_per_epoch, total, time.time() - started, resumed_at),
                            "train_examples": len(encoded), **(_validation_metrics(state, len(val)) if val else {})}
                 losses = []
-                _checkpoint(backend, state, best, rank, metrics, store, config.get("local_checkpoint"),
+                save_checkpoint(backend, state, best, rank, metrics, store, config.get("local_checkpoint"),
                             config["checkpoint_root"])
                 checkpointed = state["step"]
             if stopped:
