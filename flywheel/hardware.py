@@ -9,7 +9,8 @@ Attention in training (`training_attention`): on CPU, PyTorch's fused SDPA kerne
 AVX512-BF16 (SmolLM2-135M + LoRA r16 on all projections, bf16 autocast, a 477-token shared prefix and 4 rows of
 ~290 tokens), it took 40% of a training step (1.3 s forward + 3.0 s backward of 10.8 s), where the plain matmul
 attention ("eager") takes 1.6 s in all. Decoding stays on SDPA: there the fused kernel is the faster one
-(4 prompts of 1,054 tokens, 24 new tokens: 12 s vs 22 s eager).
+(4 prompts of 1,054 tokens, 24 new tokens: 12 s vs 22 s eager). Measured end to end the gain is small: ~8% for
+Ray Train's one-thread workers, none for one process with 2 threads (bench/train_speed.py's "eager attention").
 """
 
 from __future__ import annotations
