@@ -72,7 +72,8 @@ def reused(store, agent: str) -> dict | None:
     """The agent's latest adapter in this home (a stopped run's), as `train` reports one; None if it has none."""
     from flywheel.registry.registry import Registry
 
-    versions = Registry(store).versions(agent) if agent in Registry(store).agents() else []
+    registry = Registry(store)
+    versions = registry.versions(agent) if agent in registry.agents() else []
     if not versions:
         return None
     entry = versions[-1]

@@ -35,17 +35,19 @@ def worker_resources(cfg: DistillConfig) -> dict:
 
 def failure_config(cfg: DistillConfig) -> Any:
     """Ray Train's FailureConfig for the run: `max_failures` worker-group restarts, and startup retries bounded by
-    `placement_timeout_s` (unbounded at 0). Sets the start timeout each try waits (see the module doc)."""
+    `placement_timeout_s` (unbounded at 0). Sets the start timeout each try waits (see the module doc); at 0 the
+    environment is left as it is (Ray's default, or the operator's own setting)."""
     from ray.train import FailureConfig
 
-    per_try = cfg.placement_timeout_s / TRIES if cfg.placement_timeout_s else 60.0
-    os.environ[START_TIMEOUT_ENV] = f"{per_try:g}"
+    if cfg.placement_timeout_s:
+        os.environ[START_TIMEOUT_ENV] = f"{cfg.placement_timeout_s / TRIES:g}"
     return FailureConfig(max_failures=cfg.max_failures,
                          controller_failure_limit=TRIES - 1 if cfg.placement_timeout_s else -1)
 
 
 def explained(cfg: DistillConfig, error: BaseException) -> BaseException:
     """`error` from `trainer.fit()` as a `PlacementError` when the workers could not be placed; else `error`."""
+    import ray
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
@@ -53,22 +55,10 @@ def explained(cfg: DistillConfig, error: BaseException) -> BaseException:
     ask = {**worker_resources(cfg), **({"GPU": 1} if cfg.use_gpu else {})}
     return PlacementError(
         f"{cfg.agent}: the {cfg.num_workers} training workers could not all be placed in "
-        f"{cfg.placement_timeout_s:g} s: each asks {_readable(ask)}; the cluster has {_readable(_free())} free of "
-        f"{_readable(_total())}; held by {_holders() or 'no running actor (tasks or placement groups hold it)'}. "
+        f"{cfg.placement_timeout_s:g} s: each asks {_readable(ask)}; the cluster has {_readable(ray.available_resources())} "
+        f"free of {_readable(ray.cluster_resources())}; held by {_holders() or 'no running actor (tasks or placement groups hold it)'}. "
         f"Lower num_workers or threads_per_worker, give the cluster a node, or free what others hold "
         f"(placement_timeout_s 0 waits as long as it takes)")
-
-
-def _free() -> dict:
-    import ray
-
-    return ray.available_resources()
-
-
-def _total() -> dict:
-    import ray
-
-    return ray.cluster_resources()
 
 
 def _holders(limit: int = 5) -> str:
